@@ -1,0 +1,51 @@
+"""Engine fixtures: real vLLM engines with the plugin, run in the test process.
+
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` keeps the engine core in this process, so tests can read the
+scheduler's block manager between steps.
+"""
+import gc
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import pytest  # noqa: E402
+
+
+def make_llm(model_path: str, policy: str, budget: int | None = None, **kwargs):
+    from vllm import LLM
+
+    eviction = {"additional_config": {"kv_eviction": {"policy": policy}}}
+    if budget is not None:
+        eviction["additional_config"]["kv_eviction"]["budget"] = budget
+    return LLM(model_path, max_model_len=8192, enforce_eager=True, seed=0, **eviction, **kwargs)
+
+
+def close_llm(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def block_manager(llm):
+    """The scheduler's single-type manager of the (only) KV-cache group."""
+    core = llm.llm_engine.engine_core.engine_core
+    return core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+
+
+def scheduler(llm):
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+@pytest.fixture(scope="module")
+def llm_factory(model_path):
+    """Build engines on demand; each is shut down at the end of the module."""
+    built = []
+
+    def build(policy: str, budget: int | None = None, **kwargs):
+        llm = make_llm(model_path, policy, budget, **kwargs)
+        built.append(llm)
+        return llm
+
+    yield build
+    for llm in built:
+        close_llm(llm)

@@ -1,0 +1,67 @@
+"""Policy ``none`` is stock vLLM; an evicting policy whose budget covers the context is ``none``."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.engine.conftest import close_llm, make_llm
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 48
+BLOCK_SIZE = 32  # the evicting default; `none` is given the same so the kernels match
+
+
+def _prompts() -> list[str]:
+    from vllm_kvevict.eval.passkey import FILLER
+
+    return [
+        "The capital of France is",
+        "def fibonacci(n):\n    ",
+        "Write a short poem about the sea.\n",
+        "Once upon a time, " + FILLER * 60 + "In the end,",
+        FILLER * 150 + "Summarize the text above in one sentence:",
+    ]
+
+
+def _greedy(llm, prompts):
+    from vllm import SamplingParams
+
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def none_tokens(model_path):
+    llm = make_llm(model_path, "none", block_size=BLOCK_SIZE)
+    try:
+        yield _greedy(llm, _prompts())
+    finally:
+        close_llm(llm)
+
+
+def test_none_matches_stock_vllm(model_path, none_tokens, tmp_path):
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps(_prompts()))
+    env = dict(os.environ, VLLM_PLUGINS="no-such-plugin", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    script = Path(__file__).with_name("stock_greedy.py")
+    result = subprocess.run(
+        [sys.executable, str(script), model_path, str(prompts_file), str(MAX_TOKENS), str(BLOCK_SIZE)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "vllm_kvevict" not in result.stderr, "the plugin must not load in the stock run"
+    line = next(l for l in result.stdout.splitlines() if l.startswith("GREEDY_TOKENS="))
+    stock = json.loads(line.removeprefix("GREEDY_TOKENS="))
+    assert stock == none_tokens
+
+
+def test_streamingllm_with_covering_budget_matches_none(model_path, none_tokens):
+    llm = make_llm(model_path, "streamingllm", budget=8192)
+    try:
+        assert llm.llm_engine.vllm_config.cache_config.block_size == BLOCK_SIZE
+        assert _greedy(llm, _prompts()) == none_tokens
+    finally:
+        close_llm(llm)

@@ -1,0 +1,1 @@
+"""vLLM glue: plugin registration, CLI flags, KV-cache spec/manager and attention backend."""

@@ -1,0 +1,22 @@
+"""The ``vllm.general_plugins`` entry point.
+
+vLLM loads general plugins in every process it starts (API server, engine core, workers), before
+the config is known there, so ``register`` installs everything unconditionally and each piece
+reads the policy from the config when it is used: the CLI/config hooks, the KV-cache spec and its
+manager, and the attention backend over the platform's default. Under policy ``none`` the backend
+keeps the stock spec and the stock metadata builder, so vLLM computes exactly what it computes
+without the plugin.
+"""
+from __future__ import annotations
+
+
+def register() -> None:
+    try:  # TEMP until cli lands
+        from vllm_kvevict.engine import cli
+        cli.install()
+    except ImportError:
+        pass
+    from vllm_kvevict.engine import backend, kv_spec
+
+    kv_spec.register_spec()
+    backend.register_backend()

@@ -1,0 +1,1 @@
+"""Evaluation tasks shared by the tests and the benchmark commands."""

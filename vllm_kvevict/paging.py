@@ -1,0 +1,103 @@
+"""Which pages of a request stay resident under a per-request KV budget.
+
+A page is one vLLM KV-cache block of ``block_size`` tokens. Once a request's prompt is processed,
+its resident pages are laid out as::
+
+    logical page:  0 .. S-1 | S ........ E-1 | E ............ F-1 | F
+                   sinks    | evicted (freed)| most recent full   | page being filled
+                   (S)      |                | pages (B - S)      | (the decode token)
+
+with ``B`` the budget in pages, ``S`` the sink pages and ``F`` the number of full pages, so at
+most ``B + 1`` blocks are held. The scheduler (which frees blocks) and the attention backend (which
+compacts the block table) both derive the evicted range from the same two numbers, the tokens
+already computed and whether the request is still prefilling, so they always agree without
+exchanging messages. The range only grows as a request advances.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class PageLayout:
+    """A token budget expressed in pages.
+
+    Invariant: ``sink_pages + window_pages <= budget_pages``.
+    """
+
+    block_size: int
+    budget_pages: int
+    sink_pages: int
+    window_pages: int
+
+    def __post_init__(self) -> None:
+        if self.sink_pages + self.window_pages > self.budget_pages:
+            from vllm_kvevict.config import EvictionConfigError
+
+            raise EvictionConfigError(
+                f"--kv-budget holds {self.budget_pages} blocks of {self.block_size} tokens, fewer "
+                f"than {self.sink_pages} sink + {self.window_pages} window blocks; raise --kv-budget")
+
+    @classmethod
+    def from_tokens(cls, block_size: int, budget: int, sink_tokens: int,
+                    window_tokens: int) -> "PageLayout":
+        return cls(block_size=block_size, budget_pages=budget // block_size,
+                   sink_pages=cdiv(sink_tokens, block_size),
+                   window_pages=cdiv(window_tokens, block_size))
+
+    @property
+    def max_resident_pages(self) -> int:
+        """Blocks a request holds at most after prefill: the budget plus the page being filled."""
+        return self.budget_pages + 1
+
+    def evicted_pages(self, num_computed_tokens: int, prefilling: bool) -> range:
+        """Logical pages no longer resident after ``num_computed_tokens`` tokens.
+
+        Nothing is evicted while the prompt is being prefilled (full attention over the prompt).
+        """
+        start = self.sink_pages
+        if prefilling:
+            return range(start, start)
+        num_full_pages = num_computed_tokens // self.block_size
+        end = max(start, num_full_pages - (self.budget_pages - self.sink_pages))
+        return range(start, end)
+
+    def compact_block_table(
+        self,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_lens: torch.Tensor,
+        prefilling: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop each row's evicted pages from a batch's block table.
+
+        Args:
+            block_table: ``[num_reqs, max_pages]`` int block ids in logical page order.
+            seq_lens: ``[num_reqs]`` tokens in the context including this step's queries.
+            query_lens: ``[num_reqs]`` tokens computed in this step.
+            prefilling: ``[num_reqs]`` bool, True while the row's prompt is not yet processed.
+
+        Returns:
+            ``(compact_table, compact_seq_lens)``: each row lists its resident pages in logical
+            order (sinks, then recent pages) and its length shrinks by the evicted tokens. Keys
+            keep their original positions, so attending over the compact row is attending over
+            exactly the resident tokens. Columns past a row's new length are unspecified.
+        """
+        num_computed = (seq_lens - query_lens).to(torch.int64)
+        kept_recent = self.budget_pages - self.sink_pages
+        end = torch.clamp(num_computed // self.block_size - kept_recent, min=self.sink_pages)
+        end = torch.where(prefilling, torch.full_like(end, self.sink_pages), end)
+        num_evicted = end - self.sink_pages                       # [num_reqs]
+        max_pages = block_table.shape[1]
+        cols = torch.arange(max_pages, device=block_table.device).unsqueeze(0)
+        src = torch.where(cols < self.sink_pages, cols, cols + num_evicted.unsqueeze(1))
+        src = src.clamp(max=max_pages - 1)
+        compact = torch.gather(block_table, 1, src.to(torch.int64)).to(block_table.dtype)
+        new_seq_lens = (seq_lens - num_evicted * self.block_size).to(seq_lens.dtype)
+        return compact, new_seq_lens
