@@ -14,9 +14,12 @@ import pytest  # noqa: E402
 def make_llm(model_path: str, policy: str, budget: int | None = None, **kwargs):
     from vllm import LLM
 
-    eviction = {"additional_config": {"kv_eviction": {"policy": policy}}}
+    import vllm_kvevict
+
+    vllm_kvevict.register()
+    eviction = {"kv_eviction_policy": policy}
     if budget is not None:
-        eviction["additional_config"]["kv_eviction"]["budget"] = budget
+        eviction["kv_budget"] = budget
     return LLM(model_path, max_model_len=8192, enforce_eager=True, seed=0, **eviction, **kwargs)
 
 

@@ -69,7 +69,8 @@ def client(server):
 
 def test_server_runs_the_plugin(server):
     log = server[1].read_text()
-    assert "EvictingAttentionManager" in log or "kv-eviction" in log.lower()
+    assert "vllm-kvevict: policy streamingllm, budget 512 tokens = 16 blocks of 32" in log
+    assert "vllm-kvevict: budget 16 blocks of 32 tokens (2 sink blocks)" in log
 
 
 def test_completions_streaming_and_not(client):

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 
 def register() -> None:
-    try:  # TEMP until cli lands
-        from vllm_kvevict.engine import cli
-        cli.install()
-    except ImportError:
-        pass
-    from vllm_kvevict.engine import backend, kv_spec
+    from vllm_kvevict.engine import backend, cli, kv_spec
 
+    cli.install()
     kv_spec.register_spec()
     backend.register_backend()

@@ -1,0 +1,1 @@
+"""Page-level algorithms as plain torch functions (no vLLM): digests, scoring, selection."""

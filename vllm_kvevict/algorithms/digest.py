@@ -1,0 +1,64 @@
+"""Page digests and digest scores (ArkVale, Chen et al., NeurIPS 2024; Quest, Tang et al., 2024).
+
+A digest bounds the post-RoPE keys of one filled page, per KV head, by a box ``[lo, hi]``:
+
+* ``cuboid-mean`` (ArkVale): centre ``c = (max + min) / 2``, radius ``r = mean_t |k_t - c|``,
+  ``hi = c + r``, ``lo = c - r``.
+* ``cuboid-max`` (Quest): ``hi = max_t k_t``, ``lo = min_t k_t``.
+
+The score of a page for a query ``q`` is ``sum_d max(q_d * hi_d, q_d * lo_d)``: the largest
+``q . k`` any key inside the box could reach (exact for cuboid-max, an estimate for cuboid-mean).
+"""
+from __future__ import annotations
+
+import torch
+
+DIGEST_KINDS = ("cuboid-mean", "cuboid-max")
+
+
+def page_digests(keys: torch.Tensor, kind: str = "cuboid-mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """Digests of full pages.
+
+    Args:
+        keys: ``[num_pages, page_size, num_kv_heads, head_dim]`` post-RoPE keys.
+        kind: one of :data:`DIGEST_KINDS`.
+
+    Returns:
+        ``(hi, lo)``, each ``[num_pages, num_kv_heads, head_dim]`` in float32.
+    """
+    if kind not in DIGEST_KINDS:
+        raise ValueError(f"unknown digest kind {kind!r}; choose one of {DIGEST_KINDS}")
+    keys = keys.float()
+    k_max = keys.amax(dim=1)
+    k_min = keys.amin(dim=1)
+    if kind == "cuboid-max":
+        return k_max, k_min
+    centre = (k_max + k_min) / 2
+    radius = (keys - centre.unsqueeze(1)).abs().mean(dim=1)
+    return centre + radius, centre - radius
+
+
+def score_pages(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
+                per_kv_head: bool = False) -> torch.Tensor:
+    """Upper-bound scores of pages for one decode query.
+
+    Args:
+        query: ``[num_q_heads, head_dim]``; query head ``h`` reads KV head
+            ``h // (num_q_heads // num_kv_heads)`` (GQA).
+        hi, lo: ``[num_pages, num_kv_heads, head_dim]`` digests.
+        per_kv_head: False: one ranking, the mean over all query heads (``[num_pages]``).
+            True: one ranking per KV head, the mean over its query group
+            (``[num_kv_heads, num_pages]``).
+    """
+    num_q_heads, head_dim = query.shape
+    num_pages, num_kv_heads, _ = hi.shape
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads do not divide into {num_kv_heads} KV heads")
+    group = num_q_heads // num_kv_heads
+    q = query.float().view(num_kv_heads, group, 1, head_dim)       # [kv, g, 1, d]
+    hi_t = hi.permute(1, 0, 2).unsqueeze(1)                          # [kv, 1, pages, d]
+    lo_t = lo.permute(1, 0, 2).unsqueeze(1)
+    per_head = torch.maximum(q * hi_t, q * lo_t).sum(dim=-1)        # [kv, g, pages]
+    if per_kv_head:
+        return per_head.mean(dim=1)
+    return per_head.mean(dim=(0, 1))
