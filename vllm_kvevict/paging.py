@@ -68,6 +68,14 @@ class PageLayout:
         end = max(start, num_full_pages - (self.budget_pages - self.sink_pages))
         return range(start, end)
 
+    def num_evicted_pages(self, num_computed_tokens: torch.Tensor,
+                          prefilling: torch.Tensor) -> torch.Tensor:
+        """Batched ``len(evicted_pages(...))``: ``[num_reqs]`` int64."""
+        kept_recent = self.budget_pages - self.sink_pages
+        num_full = num_computed_tokens.to(torch.int64) // self.block_size
+        num_evicted = torch.clamp(num_full - kept_recent - self.sink_pages, min=0)
+        return torch.where(prefilling, torch.zeros_like(num_evicted), num_evicted)
+
     def compact_block_table(
         self,
         block_table: torch.Tensor,
@@ -89,15 +97,11 @@ class PageLayout:
             keep their original positions, so attending over the compact row is attending over
             exactly the resident tokens. Columns past a row's new length are unspecified.
         """
-        num_computed = (seq_lens - query_lens).to(torch.int64)
-        kept_recent = self.budget_pages - self.sink_pages
-        end = torch.clamp(num_computed // self.block_size - kept_recent, min=self.sink_pages)
-        end = torch.where(prefilling, torch.full_like(end, self.sink_pages), end)
-        num_evicted = end - self.sink_pages                       # [num_reqs]
+        num_evicted = self.num_evicted_pages(seq_lens - query_lens, prefilling)
         max_pages = block_table.shape[1]
         cols = torch.arange(max_pages, device=block_table.device).unsqueeze(0)
         src = torch.where(cols < self.sink_pages, cols, cols + num_evicted.unsqueeze(1))
         src = src.clamp(max=max_pages - 1)
-        compact = torch.gather(block_table, 1, src.to(torch.int64)).to(block_table.dtype)
+        compact = torch.gather(block_table, 1, src).to(block_table.dtype)
         new_seq_lens = (seq_lens - num_evicted * self.block_size).to(seq_lens.dtype)
         return compact, new_seq_lens

@@ -101,3 +101,24 @@ def test_startup_capacity_reflects_budget(none_llm, streaming_512):
     streaming_concurrency = streaming.llm_engine.vllm_config.cache_config.kv_cache_max_concurrency
     # 8192-token requests at full cache vs 512 + one page being filled: 8192 / 544 ~ 15x.
     assert streaming_concurrency >= 4 * none_concurrency
+
+
+def test_prompt_that_cannot_fit_the_pool_is_refused_at_startup(model_path):
+    """Prompts are prefilled in full: a max_model_len beyond the pool must not start (and hang)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import vllm_kvevict\n"
+        "from vllm import LLM\n"
+        "if __name__ == '__main__':\n"
+        "    vllm_kvevict.register()\n"
+        f"    LLM({model_path!r}, kv_eviction_policy='streamingllm', kv_budget=256,\n"
+        "        enforce_eager=True, max_model_len=65536,\n"
+        "        hf_overrides={'max_position_embeddings': 65536})\n")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode != 0
+    assert "prompts are prefilled in full and --max-model-len is 65536" in result.stderr

@@ -35,13 +35,13 @@ def compact_common_metadata(cm: CommonAttentionMetadata, layout: PageLayout) -> 
     prefilling = cm.is_prefilling.to(device=device, non_blocking=True)
     table, seq_lens = layout.compact_block_table(cm.block_table_tensor, cm.seq_lens, query_lens,
                                                  prefilling)
-    # Host-side copies for the builders' scheduling work, computed the same way on the CPU.
+    # Host-side lengths for the builders' scheduling work, shrunk the same way.
     query_lens_cpu = cm.query_start_loc_cpu[1:] - cm.query_start_loc_cpu[:-1]
     upper = cm.seq_lens_cpu_upper_bound
     if upper is None:
         upper = cm.seq_lens.cpu()
-    _, upper = layout.compact_block_table(cm.block_table_tensor[:, :1].cpu(), upper,
-                                          query_lens_cpu, cm.is_prefilling.cpu())
+    evicted = layout.num_evicted_pages(upper - query_lens_cpu, cm.is_prefilling.cpu())
+    upper = (upper - evicted * layout.block_size).to(upper.dtype)
     num_reqs = cm.num_reqs
     max_seq_len = int(upper[:num_reqs].max()) if num_reqs else cm.max_seq_len
     return dataclasses.replace(cm, block_table_tensor=table, seq_lens=seq_lens,
@@ -49,6 +49,7 @@ def compact_common_metadata(cm: CommonAttentionMetadata, layout: PageLayout) -> 
 
 
 _worker_config: EvictionConfig | None = None
+_worker_max_model_len: int | None = None
 
 
 def remember_worker_config() -> None:
@@ -60,25 +61,25 @@ def remember_worker_config() -> None:
     """
     from vllm.config import get_current_vllm_config
 
-    global _worker_config
-    _worker_config = EvictionConfig.from_vllm_config(get_current_vllm_config())
+    global _worker_config, _worker_max_model_len
+    vllm_config = get_current_vllm_config()
+    _worker_config = EvictionConfig.from_vllm_config(vllm_config)
+    _worker_max_model_len = vllm_config.model_config.max_model_len
 
 
 def customize_for_eviction(spec):
     """The layer spec under the configured policy: an :class:`EvictingAttentionSpec` or ``spec``."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     if _worker_config is None:
         raise RuntimeError("vllm-kvevict: KV-cache spec requested before any attention layer was built")
     config = _worker_config
-    if not config.evicts or type(spec) is not FullAttentionSpec:
-        # MLA, sliding-window and other specs are refused at start-up (engine.cli); anything
-        # that still arrives here keeps stock behaviour.
-        assert not config.evicts or not isinstance(spec, MLAAttentionSpec)
+    # MLA, sliding-window and hybrid models are refused at start-up (engine.cli).
+    if (not config.evicts or type(spec) is not FullAttentionSpec
+            or spec.sliding_window is not None or spec.attention_chunk_size is not None):
         return spec
-    if spec.sliding_window is not None or spec.attention_chunk_size is not None:
-        return spec
-    return EvictingAttentionSpec.from_full_attention(spec, config.layout(spec.block_size))
+    return EvictingAttentionSpec.from_full_attention(spec, config.layout(spec.block_size),
+                                                     _worker_max_model_len)
 
 
 class EvictingBuilderMixin:

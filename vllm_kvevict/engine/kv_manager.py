@@ -26,20 +26,15 @@ class EvictingAttentionManager(FullAttentionManager):
     def __init__(self, kv_cache_spec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.layout = kv_cache_spec.layout
-        self._check_prompt_fits()
+        self._check_prompt_fits(kv_cache_spec.max_model_len)
         layout = self.layout
         logger.info_once(
             "vllm-kvevict: budget %d blocks of %d tokens (%d sink blocks); a request holds at most "
             "%d blocks once its prompt is processed", layout.budget_pages, layout.block_size,
             layout.sink_pages, layout.max_resident_pages)
 
-    def _check_prompt_fits(self) -> None:
-        from vllm.config import get_current_vllm_config_or_none
-
-        vllm_config = get_current_vllm_config_or_none()
-        if vllm_config is None:
-            return
-        max_model_len = vllm_config.model_config.max_model_len
+    def _check_prompt_fits(self, max_model_len: int) -> None:
+        """A prompt is prefilled in full, so one of ``max_model_len`` tokens must fit the pool."""
         usable_blocks = self.block_pool.num_gpu_blocks - 1  # the null block is never handed out
         if cdiv(max_model_len, self.block_size) > usable_blocks:
             raise EvictionConfigError(

@@ -21,6 +21,7 @@ class EvictingAttentionSpec(FullAttentionSpec):
     budget_pages: int
     sink_pages: int
     window_pages: int
+    max_model_len: int  # the longest prompt, prefilled in full
 
     @property
     def layout(self) -> PageLayout:
@@ -41,17 +42,19 @@ class EvictingAttentionSpec(FullAttentionSpec):
         return min(full_pages, self.layout.max_resident_pages) * self.page_size_bytes
 
     @classmethod
-    def from_full_attention(cls, spec: FullAttentionSpec, layout: PageLayout) -> "EvictingAttentionSpec":
+    def from_full_attention(cls, spec: FullAttentionSpec, layout: PageLayout,
+                            max_model_len: int) -> "EvictingAttentionSpec":
         assert layout.block_size == spec.block_size, (layout, spec)
         base = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
         return cls(**base, budget_pages=layout.budget_pages, sink_pages=layout.sink_pages,
-                   window_pages=layout.window_pages)
+                   window_pages=layout.window_pages, max_model_len=max_model_len)
 
     @classmethod
     def merge(cls, specs: list["EvictingAttentionSpec"]) -> "EvictingAttentionSpec":
-        layouts = {spec.layout for spec in specs}
-        assert len(layouts) == 1, f"all layers must share one eviction layout, got {layouts}"
-        return cls.from_full_attention(FullAttentionSpec.merge(specs), layouts.pop())
+        settings = {(spec.layout, spec.max_model_len) for spec in specs}
+        assert len(settings) == 1, f"all layers must share one eviction layout, got {settings}"
+        layout, max_model_len = settings.pop()
+        return cls.from_full_attention(FullAttentionSpec.merge(specs), layout, max_model_len)
 
 
 def register_spec() -> None:
