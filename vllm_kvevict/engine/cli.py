@@ -1,157 +1,288 @@
-"""`--kv-*` flags, `LLM(kv_*=...)` keywords and start-up checks, hooked into vLLM's EngineArgs.
+"""`--kv-*` flags, `LLM(kv_*=...)` keywords and start-up checks, hooked into vLLM 0.32.
 
-Every route ends in ``VllmConfig.additional_config["kv_eviction"]`` (a plain dict that pickles
-into the engine core and the workers):
+Every route ends in ``VllmConfig.additional_config["kv_eviction"]``, a plain dict holding only the
+keys the user set (``policy``, ``budget``, ``sink_tokens``, ``window_tokens``); it pickles into
+the engine core and the workers, which re-read it with ``EvictionConfig.from_vllm_config``.
 
-* ``vllm serve --kv-eviction-policy ...`` and ``--config file.yaml`` keys: an argument group added
-  to ``EngineArgs.add_cli_args``; ``EngineArgs.from_cli_args`` folds the values in.
-* ``--additional-config.kv_eviction.<name>``: vLLM's own route; explicit flags override it.
-* ``vllm.LLM(model, kv_eviction_policy=...)``: ``EngineArgs.__init__`` takes the keywords.
+Hook points (all installed by :func:`install`, idempotent):
 
-``EngineArgs.create_engine_config`` validates the settings and, for an evicting policy, defaults
-the block size to 32, turns prefix caching off and refuses unsupported models. Mistakes raise
-:class:`EvictionConfigError`; under ``vllm serve`` they are printed as one line (exit code 2).
+* ``EngineArgs.add_cli_args``: adds the "KV eviction (vllm-kvevict)" argument group, so the flags
+  exist for ``vllm serve`` and as ``vllm serve --config file.yaml`` keys (vLLM turns YAML keys into
+  flags before parsing).
+* ``EngineArgs.from_cli_args``: folds the flags into ``additional_config``; they override the same
+  keys given as ``--additional-config.kv_eviction.<key>`` (which works on its own, unpatched).
+* ``EngineArgs.__init__`` / ``AsyncEngineArgs.__init__``: accept ``kv_*`` keywords, which is how
+  ``vllm.LLM(model, kv_eviction_policy=...)`` reaches us (``LLM`` passes ``**kwargs`` through).
+* ``EngineArgs.create_model_config``: refuses unsupported models as soon as the HF config is read.
+* ``EngineArgs.create_engine_config``: under an evicting policy, block size 32 unless set, prefix
+  caching off, and the budget checked against the final block size. Policy ``none``: stock
+  vLLM's config, bit for bit (the kv_eviction entry is dropped, so even the config hash matches).
+* ``ServeSubcommand.cmd`` (``vllm serve`` only): prints :class:`EvictionConfigError` as one line.
+
+Invariant: settings are validated (``EvictionConfig``) whenever they enter ``EngineArgs`` and
+again in ``create_engine_config``; invalid settings never reach an engine.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import sys
+from typing import Any, Callable, Mapping
 
-from vllm_kvevict.config import (ADDITIONAL_CONFIG_KEY, DEFAULT_EVICTING_BLOCK_SIZE,
-                                 EvictionConfig, EvictionConfigError)
+from vllm_kvevict.config import (ADDITIONAL_CONFIG_KEY, DEFAULT_BUDGET_TOKENS,
+                                 DEFAULT_EVICTING_BLOCK_SIZE, DEFAULT_SINK_TOKENS,
+                                 DEFAULT_WINDOW_TOKENS, EvictionConfig, EvictionConfigError)
 
-# flag/keyword suffix -> key in additional_config["kv_eviction"]
-SETTINGS = {"eviction_policy": "policy", "budget": "budget", "sink_tokens": "sink_tokens",
-            "window_tokens": "window_tokens"}
-_INSTALLED_MARK = "_kvevict_wrapped"
+# argparse dest / LLM keyword -> key in additional_config["kv_eviction"]
+SETTINGS = {
+    "kv_eviction_policy": "policy",
+    "kv_budget": "budget",
+    "kv_sink_tokens": "sink_tokens",
+    "kv_window_tokens": "window_tokens",
+}
+GROUP_TITLE = "KV eviction (vllm-kvevict)"
+ERROR_PREFIX = "vllm-kvevict: error: "
+SERVE_MODULE = "vllm.entrypoints.cli.serve"
+_ORIGINAL = "__kvevict_original__"  # set on our wrappers: marks them and keeps the original
 
 
 def install() -> None:
-    """Wrap EngineArgs and the serve command (idempotent; called in every vLLM process)."""
+    """Install the hooks in this process. Safe to call any number of times, in any process.
+
+    vLLM runs general plugins in every process it starts; only the process that parses the CLI or
+    builds ``EngineArgs`` uses these hooks, elsewhere they are inert.
+    """
     from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
-    from vllm.entrypoints.cli.serve import ServeSubcommand
 
-    _patch(EngineArgs, "add_cli_args", _add_cli_args)
-    _patch(EngineArgs, "from_cli_args", _from_cli_args)
-    _patch(EngineArgs, "create_engine_config", _create_engine_config)
-    _patch(EngineArgs, "__init__", _init)
-    _patch(AsyncEngineArgs, "__init__", _init)  # a dataclass subclass has its own __init__
-    _patch(ServeSubcommand, "cmd", _serve_cmd)
+    _wrap(EngineArgs, "add_cli_args", _add_cli_args)
+    _wrap(EngineArgs, "from_cli_args", _from_cli_args)
+    # A dataclass subclass gets its own generated __init__, so both need the wrapper.
+    _wrap(EngineArgs, "__init__", _init_with_keywords)
+    _wrap(AsyncEngineArgs, "__init__", _init_with_keywords)
+    _wrap(EngineArgs, "create_model_config", _create_model_config)
+    _wrap(EngineArgs, "create_engine_config", _create_engine_config)
+    # `vllm serve` imports its subcommand module before building the parser, which is when vLLM
+    # loads plugins; other processes (engine core, workers, offline LLM) never import it, and
+    # importing it there would only cost time (uvloop, the API server modules).
+    serve = sys.modules.get(SERVE_MODULE)
+    if serve is not None:
+        _wrap(serve.ServeSubcommand, "cmd", _serve_cmd)
 
 
-def _patch(cls, name: str, wrapper) -> None:
-    """Replace ``cls.name`` by ``wrapper(original, *args, **kwargs)``, keeping its method kind."""
+def _wrap(cls: type, name: str, hook: Callable[..., Any]) -> None:
+    """Replace ``cls.name`` by a wrapper calling ``hook(original, *args, **kwargs)``.
+
+    Keeps staticmethod/classmethod kinds (a classmethod's hook receives ``cls`` after
+    ``original``). Wrapping an attribute that is already our wrapper does nothing.
+    """
     raw = vars(cls)[name]
     kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
     original = raw.__func__ if kind else raw
-    if getattr(original, _INSTALLED_MARK, False):
+    if hasattr(original, _ORIGINAL):
         return
 
     @functools.wraps(original)
-    def patched(*args, **kwargs):
-        return wrapper(original, *args, **kwargs)
+    def wrapper(*args, **kwargs):
+        return hook(original, *args, **kwargs)
 
-    setattr(patched, _INSTALLED_MARK, True)
-    setattr(cls, name, kind(patched) if kind else patched)
+    setattr(wrapper, _ORIGINAL, original)
+    setattr(cls, name, kind(wrapper) if kind else wrapper)
+
+
+# --- settings ------------------------------------------------------------------------------
+
+
+def given_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``kv_*`` entries of ``values`` that were set, keyed as in ``additional_config``."""
+    return {key: values[name] for name, key in SETTINGS.items() if values.get(name) is not None}
+
+
+def merge_settings(additional_config: Mapping[str, Any] | None,
+                   given: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``additional_config`` whose kv_eviction entry is updated with ``given``.
+
+    ``given`` wins over keys already there (flags beat ``--additional-config.kv_eviction.*``).
+    """
+    merged = dict(additional_config or {})
+    if given:
+        current = merged.get(ADDITIONAL_CONFIG_KEY) or {}
+        if not isinstance(current, Mapping):
+            raise EvictionConfigError(
+                f"--additional-config.{ADDITIONAL_CONFIG_KEY} must be a mapping, got {current!r}")
+        merged[ADDITIONAL_CONFIG_KEY] = {**current, **given}
+    return merged
+
+
+def eviction_config(additional_config: Mapping[str, Any] | None) -> EvictionConfig:
+    """The validated settings in ``additional_config`` (raises :class:`EvictionConfigError`)."""
+    raw = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+    if raw is not None and not isinstance(raw, Mapping):
+        raise EvictionConfigError(
+            f"--additional-config.{ADDITIONAL_CONFIG_KEY} must be a mapping, got {raw!r}")
+    return EvictionConfig.from_additional_config(additional_config)
+
+
+# --- CLI -----------------------------------------------------------------------------------
 
 
 def _add_cli_args(original, parser, *args, **kwargs):
     from vllm_kvevict.policies import POLICY_REGISTRY
 
     parser = original(parser, *args, **kwargs)
-    if any("--kv-eviction-policy" in action.option_strings for action in parser._actions):
-        return parser
+    if "--kv-eviction-policy" in parser._option_string_actions:
+        return parser  # EngineArgs.add_cli_args called twice on one parser
     group = parser.add_argument_group(
-        "KV eviction (vllm-kvevict)",
-        "Cap each request's resident KV cache (per layer) once its prompt is processed.")
+        GROUP_TITLE, "Cap the KV cache each request keeps (per layer) once its prompt is "
+        "processed. Also accepted as --additional-config.kv_eviction.<policy|budget|sink_tokens"
+        "|window_tokens>; these flags win over it.")
+    # The defaults stay None ("not set": vLLM's help prints them as "(default: None)"), so only
+    # what the user set reaches additional_config; the effective defaults live in EvictionConfig.
     group.add_argument("--kv-eviction-policy", choices=sorted(POLICY_REGISTRY), default=None,
-                       help="Eviction policy; 'none' (default) is stock vLLM.")
-    group.add_argument("--kv-budget", type=int, default=None,
-                       help="Resident KV tokens per request (rounded down to blocks). Default 1024.")
-    group.add_argument("--kv-sink-tokens", type=int, default=None,
-                       help="First tokens never evicted (rounded up to blocks). Default 64.")
-    group.add_argument("--kv-window-tokens", type=int, default=None,
-                       help="Most recent tokens never evicted (rounded up to blocks). Default 64.")
+                       help="Eviction policy; unset means 'none' (stock vLLM).")
+    group.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
+                       help="KV tokens a request keeps once its prompt is processed, rounded "
+                            f"down to whole blocks; {DEFAULT_BUDGET_TOKENS} when unset.")
+    group.add_argument("--kv-sink-tokens", type=int, default=None, metavar="TOKENS",
+                       help="First tokens never evicted, rounded up to whole blocks; "
+                            f"{DEFAULT_SINK_TOKENS} when unset.")
+    group.add_argument("--kv-window-tokens", type=int, default=None, metavar="TOKENS",
+                       help="Most recent tokens never evicted, rounded up to whole blocks; "
+                            f"{DEFAULT_WINDOW_TOKENS} when unset.")
     return parser
-
-
-def _merge_settings(additional_config, settings: dict) -> dict:
-    """``additional_config`` with the non-None ``settings`` overriding its kv_eviction keys."""
-    merged = dict(additional_config or {})
-    given = {SETTINGS[name]: value for name, value in settings.items() if value is not None}
-    if given:
-        merged[ADDITIONAL_CONFIG_KEY] = {**dict(merged.get(ADDITIONAL_CONFIG_KEY) or {}), **given}
-    return merged
 
 
 def _from_cli_args(original, cls, args: argparse.Namespace):
     engine_args = original(cls, args)
-    settings = {name: getattr(args, f"kv_{name}", None) for name in SETTINGS}
-    engine_args.additional_config = _merge_settings(engine_args.additional_config, settings)
+    given = given_settings(vars(args))
+    if given:
+        engine_args.additional_config = merge_settings(engine_args.additional_config, given)
+    eviction_config(engine_args.additional_config)
     return engine_args
 
 
-def _init(original, self, *args, **kwargs):
-    settings = {name: kwargs.pop(f"kv_{name}", None) for name in SETTINGS}
-    if any(value is not None for value in settings.values()):
-        kwargs["additional_config"] = _merge_settings(kwargs.get("additional_config"), settings)
+def _serve_cmd(original, args: argparse.Namespace, *rest, **kwargs):
+    """`vllm serve`: eviction mistakes end the command with one line and exit code 2.
+
+    vLLM's CLI lets exceptions from the subcommand escape (a traceback), so the command itself is
+    wrapped. Flags are checked first, before a port is bound; the model-dependent checks raise
+    from ``create_engine_config``, which ``vllm serve`` calls in this process, inside ``cmd``.
+
+    The flags are also folded into ``args.additional_config`` here: extra API-server processes
+    (``--api-server-count``) receive ``args`` and call ``from_cli_args`` before they load plugins.
+    """
+    try:
+        given = given_settings(vars(args))
+        args.additional_config = merge_settings(getattr(args, "additional_config", None), given)
+        eviction_config(args.additional_config)
+        return original(args, *rest, **kwargs)
+    except EvictionConfigError as error:
+        print(f"{ERROR_PREFIX}{error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+# --- offline keywords ----------------------------------------------------------------------
+
+
+def _init_with_keywords(original, self, *args, **kwargs):
+    """``EngineArgs(..., kv_eviction_policy=..., kv_budget=...)``.
+
+    ``vllm.LLM(model, **kwargs)`` builds ``EngineArgs(model=model, ..., **kwargs)``, so this is
+    the one place that sees its keywords. Timing matters: in a user's own process vLLM loads
+    general plugins first in ``EngineArgs.__post_init__``, i.e. *after* the dataclass
+    ``__init__`` has rejected unknown keywords. So a patch of ``LLM.__init__`` or of this
+    ``__init__`` made by the plugin alone comes too late for the first ``LLM(...)`` of a process.
+    Nothing vLLM runs earlier is a general hook (platform plugins are skipped outright when
+    ``VLLM_TARGET_DEVICE=cpu``), so the plugin must be installed before: ``vllm_kvevict.register()``
+    (idempotent; vLLM's own later call is then a no-op). ``LLM(model, additional_config=
+    {"kv_eviction": {...}})`` needs no such call: it is read in ``create_engine_config``, which
+    runs after ``__post_init__`` loaded the plugin.
+    """
+    given = {key: kwargs.pop(name) for name, key in SETTINGS.items() if name in kwargs}
+    given = {key: value for key, value in given.items() if value is not None}
+    if given:
+        kwargs["additional_config"] = merge_settings(kwargs.get("additional_config"), given)
     original(self, *args, **kwargs)
+    if given:
+        eviction_config(self.additional_config)
+
+
+# --- engine config -------------------------------------------------------------------------
+
+
+def _create_model_config(original, self):
+    model_config = original(self)
+    if eviction_config(self.additional_config).evicts:
+        check_model_supported(model_config)
+    return model_config
 
 
 def _create_engine_config(original, self, *args, **kwargs):
-    config = EvictionConfig.from_additional_config(self.additional_config)
-    if not config.evicts:
-        return original(self, *args, **kwargs)
-    from vllm.logger import init_logger
+    """Resolve the engine config; under an evicting policy adapt and check it (see module doc).
 
-    logger = init_logger("vllm.kvevict")
+    Mutates ``self`` (``block_size``, ``enable_prefix_caching``, ``additional_config``), so a
+    second call gives the same result.
+    """
+    config = eviction_config(self.additional_config)
+    if not config.evicts:
+        # Policy none: drop our entry so the VllmConfig (and its hash) is stock vLLM's.
+        if ADDITIONAL_CONFIG_KEY in (self.additional_config or {}):
+            self.additional_config = {k: v for k, v in self.additional_config.items()
+                                      if k != ADDITIONAL_CONFIG_KEY}
+        return original(self, *args, **kwargs)
     if self.block_size is None:
+        # The CPU platform would pick 128; a block is the eviction unit, so keep it small.
         self.block_size = DEFAULT_EVICTING_BLOCK_SIZE
-    if self.enable_prefix_caching is not False:
-        logger.info("vllm-kvevict: prefix caching is off under --kv-eviction-policy %s "
-                    "(evicted blocks cannot be shared)", config.policy)
-        self.enable_prefix_caching = False
+    prefix_caching_request = self.enable_prefix_caching
+    self.enable_prefix_caching = False
     vllm_config = original(self, *args, **kwargs)
-    check_model_supported(vllm_config.model_config)
-    block_size = vllm_config.cache_config.block_size
-    layout = config.layout(block_size)
-    logger.info("vllm-kvevict: policy %s, budget %d tokens = %d blocks of %d (%d sink, %d window)",
-                config.policy, config.budget, layout.budget_pages, block_size,
-                layout.sink_pages, layout.window_pages)
+    layout = config.layout(vllm_config.cache_config.block_size)  # raises if the budget is short
+    _log_resolution(config, layout, prefix_caching_request)
     return vllm_config
 
 
+def _log_resolution(config: EvictionConfig, layout, prefix_caching_request) -> None:
+    """The resolved layout, and one line saying why prefix caching is off (a warning instead if
+    the user had asked for it)."""
+    from vllm.logger import init_logger
+
+    # Under "vllm." so vLLM's logging configuration (handlers, VLLM_LOGGING_LEVEL) applies.
+    logger = init_logger("vllm.kvevict")
+    logger.info("vllm-kvevict: policy %s, budget %d tokens = %d blocks of %d (%d sink, %d window)",
+                config.policy, config.budget, layout.budget_pages, layout.block_size,
+                layout.sink_pages, layout.window_pages)
+    reason = (f"evicted blocks cannot be shared between requests, so prefix caching is off under "
+              f"--kv-eviction-policy {config.policy}")
+    if prefix_caching_request:
+        logger.warning("vllm-kvevict: ignoring --enable-prefix-caching: %s", reason)
+    else:
+        logger.info("vllm-kvevict: %s", reason)
+
+
 def check_model_supported(model_config) -> None:
-    """Refuse models whose attention is not plain decoder full attention."""
+    """Refuse models whose KV cache is not one decoder-only full-attention cache.
+
+    Raises :class:`EvictionConfigError` naming the model and the reason.
+    """
     name = model_config.model
-    if getattr(model_config, "use_mla", False):
-        raise EvictionConfigError(f"{name} uses MLA attention, which KV eviction does not support")
-    if getattr(model_config, "is_attention_free", False):
-        raise EvictionConfigError(f"{name} is attention-free: there is no KV cache to evict")
-    if getattr(model_config, "is_hybrid", False):
-        raise EvictionConfigError(f"{name} is a hybrid (attention + SSM) model, which KV eviction "
-                                  f"does not support")
-    if getattr(model_config, "is_encoder_decoder", False):
-        raise EvictionConfigError(f"{name} is an encoder-decoder model, which KV eviction does "
-                                  f"not support")
-    hf_text_config = getattr(model_config, "hf_text_config", None)
-    if getattr(hf_text_config, "sliding_window", None) and getattr(
-            hf_text_config, "use_sliding_window", True):
-        raise EvictionConfigError(f"{name} uses sliding-window attention, which KV eviction does "
-                                  f"not support")
+    reason = _unsupported_reason(model_config)
+    if reason:
+        raise EvictionConfigError(f"{name} {reason}; KV eviction supports decoder-only models "
+                                  f"with full (non-MLA) attention only")
 
 
-def _serve_cmd(original, args, *rest, **kwargs):
-    """`vllm serve`: report eviction mistakes as one line instead of a traceback."""
-    try:
-        if getattr(args, "kv_eviction_policy", None) is not None or getattr(
-                args, "additional_config", None):
-            # Validate flags before anything heavy starts.
-            _settings = {name: getattr(args, f"kv_{name}", None) for name in SETTINGS}
-            EvictionConfig.from_additional_config(
-                _merge_settings(getattr(args, "additional_config", None), _settings))
-        return original(args, *rest, **kwargs)
-    except EvictionConfigError as error:
-        print(f"vllm-kvevict: error: {error}", file=sys.stderr)
-        sys.exit(2)
+def _unsupported_reason(model_config) -> str | None:
+    if model_config.is_attention_free:
+        return "is attention-free (no KV cache to evict)"
+    if model_config.is_hybrid:
+        return "is a hybrid (attention + SSM/linear-attention) model"
+    if model_config.use_mla:
+        return "uses MLA attention"
+    if model_config.is_encoder_decoder:
+        return "is an encoder-decoder model"
+    text_config = model_config.hf_text_config
+    layer_types = getattr(text_config, "layer_types", None) or ()
+    if model_config.get_sliding_window() or "sliding_attention" in layer_types:
+        return "uses sliding-window attention"
+    if getattr(text_config, "attention_chunk_size", None):
+        return "uses chunked local attention"
+    return None
