@@ -17,6 +17,10 @@ DEFAULT_BUDGET_TOKENS = 1024
 DEFAULT_SINK_TOKENS = 64
 DEFAULT_WINDOW_TOKENS = 64
 DEFAULT_EVICTING_BLOCK_SIZE = 32
+DEFAULT_HOST_SPACE_GIB = 4.0
+# ArkVale's top-k rule: min(40 pages of 32, budget / 2) tokens.
+MAX_DEFAULT_TOP_K_TOKENS = 1280
+DIGEST_KINDS = ("cuboid-mean", "cuboid-max")
 
 
 class EvictionConfigError(ValueError):
@@ -32,12 +36,22 @@ class EvictionConfig:
         budget: resident KV tokens per request once its prompt is processed (per layer).
         sink_tokens: the first tokens of every request, never evicted.
         window_tokens: the most recent tokens, never evicted.
+        top_k_tokens: (selecting policies) tokens chosen per step by score besides sinks and
+            window; ``None``: ``min(1280, budget / 2)``, capped to what the budget leaves.
+        host_space_gib: (recalling policies) host memory per worker for page backups, GiB.
+        sparse_attention: (selecting policies) attend only over sinks + top-k + window instead
+            of every resident page.
+        digest: (digest policies) ``cuboid-mean`` (ArkVale) or ``cuboid-max`` (Quest's min/max).
     """
 
     policy: str = "none"
     budget: int = DEFAULT_BUDGET_TOKENS
     sink_tokens: int = DEFAULT_SINK_TOKENS
     window_tokens: int = DEFAULT_WINDOW_TOKENS
+    top_k_tokens: int | None = None
+    host_space_gib: float = DEFAULT_HOST_SPACE_GIB
+    sparse_attention: bool = False
+    digest: str = "cuboid-mean"
 
     def __post_init__(self) -> None:
         from vllm_kvevict.policies import POLICY_REGISTRY
@@ -46,11 +60,22 @@ class EvictionConfig:
             raise EvictionConfigError(
                 f"unknown --kv-eviction-policy {self.policy!r}; "
                 f"choose one of: {', '.join(sorted(POLICY_REGISTRY))}")
-        for name in ("budget", "sink_tokens", "window_tokens"):
+        for name in ("budget", "sink_tokens", "window_tokens", "top_k_tokens"):
             value = getattr(self, name)
+            if name == "top_k_tokens" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise EvictionConfigError(
-                    f"--kv-{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                raise EvictionConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        host = self.host_space_gib
+        if isinstance(host, bool) or not isinstance(host, (int, float)) or not host > 0:
+            raise EvictionConfigError(f"--kv-host-space must be a positive number of GiB, "
+                                      f"got {host!r}")
+        if not isinstance(self.sparse_attention, bool):
+            raise EvictionConfigError(f"--kv-sparse-attention must be true or false, "
+                                      f"got {self.sparse_attention!r}")
+        if self.digest not in DIGEST_KINDS:
+            raise EvictionConfigError(f"unknown --kv-digest {self.digest!r}; choose one of: "
+                                      f"{', '.join(DIGEST_KINDS)}")
         if self.budget < self.sink_tokens + self.window_tokens:
             raise EvictionConfigError(
                 f"--kv-budget {self.budget} is smaller than --kv-sink-tokens {self.sink_tokens} "
@@ -73,13 +98,8 @@ class EvictionConfig:
         for name, value in raw.items():
             if value is None:
                 continue
-            if name != "policy" and isinstance(value, str):
-                try:
-                    value = int(value)
-                except ValueError:
-                    raise EvictionConfigError(
-                        f"--kv-{name.replace('_', '-')} must be a positive integer, "
-                        f"got {value!r}") from None
+            if isinstance(value, str):
+                value = _parse_string(name, value)
             values[name] = value
         return cls(**values)
 
@@ -91,6 +111,10 @@ class EvictionConfig:
     def from_vllm_config(cls, vllm_config) -> "EvictionConfig":
         return cls.from_additional_config(getattr(vllm_config, "additional_config", None))
 
+    @property
+    def host_space_bytes(self) -> int:
+        return int(self.host_space_gib * (1 << 30))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -99,4 +123,29 @@ class EvictionConfig:
         from vllm_kvevict.paging import PageLayout
 
         return PageLayout.from_tokens(block_size, self.budget, self.sink_tokens,
-                                      self.window_tokens)
+                                      self.window_tokens, self.top_k_tokens)
+
+
+_FLAG_NAMES = {"policy": "--kv-eviction-policy", "host_space_gib": "--kv-host-space"}
+
+
+def _flag(name: str) -> str:
+    return _FLAG_NAMES.get(name, "--kv-" + name.replace("_", "-"))
+
+
+def _parse_string(name: str, value: str) -> Any:
+    """A setting given as text (``--additional-config.kv_eviction.<name> VALUE``)."""
+    if name in ("policy", "digest"):
+        return value
+    if name == "sparse_attention":
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise EvictionConfigError(f"--kv-sparse-attention must be true or false, got {value!r}")
+    try:
+        return float(value) if name == "host_space_gib" else int(value)
+    except ValueError:
+        kind = "a positive number of GiB" if name == "host_space_gib" else "a positive integer"
+        raise EvictionConfigError(f"{_flag(name)} must be {kind}, got {value!r}") from None

@@ -28,28 +28,57 @@ def cdiv(a: int, b: int) -> int:
 class PageLayout:
     """A token budget expressed in pages.
 
-    Invariant: ``sink_pages + window_pages <= budget_pages``.
+    ``top_k_pages`` is what selecting policies pick per step besides the sinks and the window
+    (the window counts the page being filled).
+
+    Invariant: ``sink_pages + window_pages + top_k_pages <= budget_pages``.
     """
 
     block_size: int
     budget_pages: int
     sink_pages: int
     window_pages: int
+    top_k_pages: int = 0
 
     def __post_init__(self) -> None:
-        if self.sink_pages + self.window_pages > self.budget_pages:
-            from vllm_kvevict.config import EvictionConfigError
+        from vllm_kvevict.config import EvictionConfigError
 
+        if self.sink_pages + self.window_pages > self.budget_pages:
             raise EvictionConfigError(
                 f"--kv-budget holds {self.budget_pages} blocks of {self.block_size} tokens, fewer "
                 f"than {self.sink_pages} sink + {self.window_pages} window blocks; raise --kv-budget")
+        if self.sink_pages + self.window_pages + self.top_k_pages > self.budget_pages:
+            raise EvictionConfigError(
+                f"--kv-top-k-tokens is {self.top_k_pages} blocks of {self.block_size} tokens, but "
+                f"--kv-budget ({self.budget_pages} blocks) leaves "
+                f"{self.budget_pages - self.sink_pages - self.window_pages} besides "
+                f"{self.sink_pages} sink + {self.window_pages} window blocks")
 
     @classmethod
-    def from_tokens(cls, block_size: int, budget: int, sink_tokens: int,
-                    window_tokens: int) -> "PageLayout":
-        return cls(block_size=block_size, budget_pages=budget // block_size,
-                   sink_pages=cdiv(sink_tokens, block_size),
-                   window_pages=cdiv(window_tokens, block_size))
+    def from_tokens(cls, block_size: int, budget: int, sink_tokens: int, window_tokens: int,
+                    top_k_tokens: int | None = None) -> "PageLayout":
+        """Budget rounded down, sinks and window rounded up, to whole pages.
+
+        ``top_k_tokens=None`` picks ArkVale's rule, ``min(1280, budget / 2)`` tokens, capped to
+        the pages the budget leaves besides sinks and window; a given value is rounded down.
+        """
+        budget_pages = budget // block_size
+        sink_pages = cdiv(sink_tokens, block_size)
+        window_pages = cdiv(window_tokens, block_size)
+        if top_k_tokens is None:
+            from vllm_kvevict.config import MAX_DEFAULT_TOP_K_TOKENS
+
+            top_k_pages = min(MAX_DEFAULT_TOP_K_TOKENS, budget // 2) // block_size
+            top_k_pages = max(0, min(top_k_pages, budget_pages - sink_pages - window_pages))
+        else:
+            top_k_pages = top_k_tokens // block_size
+        return cls(block_size=block_size, budget_pages=budget_pages, sink_pages=sink_pages,
+                   window_pages=window_pages, top_k_pages=top_k_pages)
+
+    def selected_pages(self, num_full_pages: int, has_partial_page: bool) -> int:
+        """How many full pages a selecting policy attends over (sinks + top-k + window)."""
+        window_full = self.window_pages - (1 if has_partial_page else 0)
+        return min(num_full_pages, self.sink_pages + window_full + self.top_k_pages)
 
     @property
     def max_resident_pages(self) -> int:

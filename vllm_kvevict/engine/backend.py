@@ -22,12 +22,21 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
                                                  CPUAttentionMetadataBuilder)
 
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.engine import page_runtime
 from vllm_kvevict.engine.kv_spec import EvictingAttentionSpec
+from vllm_kvevict.pages import CPUBlockFormat
 from vllm_kvevict.paging import PageLayout
+from vllm_kvevict.policies import get_policy
 
 
-def compact_common_metadata(cm: CommonAttentionMetadata, layout: PageLayout) -> CommonAttentionMetadata:
-    """Return ``cm`` with block tables and sequence lengths restricted to resident pages."""
+def compact_common_metadata(cm: CommonAttentionMetadata, layout: PageLayout,
+                            sparse_seq_lens: dict[int, int] | None = None
+                            ) -> CommonAttentionMetadata:
+    """Return ``cm`` with block tables and sequence lengths restricted to resident pages.
+
+    ``sparse_seq_lens`` (row -> tokens) overrides the length of rows that attend over selected
+    pages only; the layer fills those rows' block tables (:meth:`PageRuntime.before_attention`).
+    """
     if cm.is_prefilling is None:
         raise RuntimeError("vllm-kvevict needs CommonAttentionMetadata.is_prefilling (V1 runner)")
     device = cm.block_table_tensor.device
@@ -42,6 +51,14 @@ def compact_common_metadata(cm: CommonAttentionMetadata, layout: PageLayout) -> 
         upper = cm.seq_lens.cpu()
     evicted = layout.num_evicted_pages(upper - query_lens_cpu, cm.is_prefilling.cpu())
     upper = (upper - evicted * layout.block_size).to(upper.dtype)
+    if sparse_seq_lens:
+        rows = list(sparse_seq_lens)
+        lengths = torch.tensor(list(sparse_seq_lens.values()), dtype=upper.dtype)
+        upper = upper.clone()
+        upper[rows] = lengths
+        seq_lens = seq_lens.clone()
+        seq_lens[torch.tensor(rows, device=device)] = lengths.to(device=device,
+                                                                  dtype=seq_lens.dtype)
     num_reqs = cm.num_reqs
     max_seq_len = int(upper[:num_reqs].max()) if num_reqs else cm.max_seq_len
     return dataclasses.replace(cm, block_table_tensor=table, seq_lens=seq_lens,
@@ -50,6 +67,7 @@ def compact_common_metadata(cm: CommonAttentionMetadata, layout: PageLayout) -> 
 
 _worker_config: EvictionConfig | None = None
 _worker_max_model_len: int | None = None
+_worker_num_layers: int | None = None
 
 
 def remember_worker_config() -> None:
@@ -61,10 +79,13 @@ def remember_worker_config() -> None:
     """
     from vllm.config import get_current_vllm_config
 
-    global _worker_config, _worker_max_model_len
+    global _worker_config, _worker_max_model_len, _worker_num_layers
     vllm_config = get_current_vllm_config()
     _worker_config = EvictionConfig.from_vllm_config(vllm_config)
     _worker_max_model_len = vllm_config.model_config.max_model_len
+    _worker_num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+    if _worker_config.evicts and get_policy(_worker_config.policy).selects:
+        page_runtime.install_runner_hooks()
 
 
 def customize_for_eviction(spec):
@@ -78,31 +99,118 @@ def customize_for_eviction(spec):
     if (not config.evicts or type(spec) is not FullAttentionSpec
             or spec.sliding_window is not None or spec.attention_chunk_size is not None):
         return spec
+    host_pages = 0
+    if get_policy(config.policy).selects:
+        host_pages = page_runtime.host_pages_for(config, spec.page_size_bytes, _worker_num_layers)
     return EvictingAttentionSpec.from_full_attention(spec, config.layout(spec.block_size),
-                                                     _worker_max_model_len)
+                                                     _worker_max_model_len, host_pages)
 
 
 class EvictingBuilderMixin:
-    """Compacts the batch to resident pages before the stock ``build``."""
+    """Compacts the batch to resident pages before the stock ``build``; under a selecting
+    policy, first plans the step's page work and attaches it as ``metadata.kvevict_plan``."""
 
     kv_cache_spec: object
+    layer_names: list[str]
+    device: torch.device
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False):
-        if isinstance(self.kv_cache_spec, EvictingAttentionSpec):
-            common_attn_metadata = compact_common_metadata(common_attn_metadata,
-                                                           self.kv_cache_spec.layout)
-        return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        spec = self.kv_cache_spec
+        if not isinstance(spec, EvictingAttentionSpec):
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        plan = None
+        runtime = self._page_runtime()
+        if runtime is not None:
+            rows = page_runtime.take_step_rows(common_attn_metadata)
+            if rows:
+                plan = runtime.plan_step(rows, self.device)
+                page_runtime.maybe_log_stats(runtime)
+        compact = compact_common_metadata(common_attn_metadata, spec.layout,
+                                          plan.sparse_seq_lens if plan else None)
+        metadata = super().build(common_prefix_len, compact, fast_build)
+        if plan is not None and not (plan.empty and not plan.sparse_seq_lens):
+            metadata.kvevict_plan = plan
+            metadata.kvevict_runtime = runtime
+        return metadata
+
+    def _page_runtime(self):
+        if not hasattr(self, "_kvevict_runtime"):
+            runtime = None
+            if _worker_config is not None and get_policy(_worker_config.policy).selects:
+                runtime = page_runtime.create_runtime(
+                    _worker_config, self.kv_cache_spec, list(self.layer_names),
+                    getattr(self, "page_block_format", None))
+            self._kvevict_runtime = runtime
+        return self._kvevict_runtime
+
+
+def forward_with_pages(impl, forward, layer, query, key, value, kv_cache, attn_metadata, output,
+                       *args, **kwargs):
+    """``forward`` with the step's page work around it: backup, select and recall before the
+    attention kernel, the prefill-end reshuffle after it."""
+    plan = getattr(attn_metadata, "kvevict_plan", None)
+    if plan is None:
+        return forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+    runtime = attn_metadata.kvevict_runtime
+    if not runtime.store.pages:
+        if isinstance(runtime.format, CPUBlockFormat):
+            runtime.format = CPUBlockFormat(cpu_key_index(layer.isa, kv_cache.shape[2],
+                                                          impl.head_size, kv_cache.dtype))
+        runtime.store.bind(kv_cache, runtime.format, impl.num_kv_heads, impl.head_size)
+    index = runtime.layer_index[layer.layer_name]
+    tables = runtime.before_attention(index, query, kv_cache, plan)
+    layer_metadata = attn_metadata
+    if tables:
+        block_table = attn_metadata.block_table.clone()
+        for row, blocks in tables.items():
+            block_table[row, :blocks.numel()] = blocks.to(block_table.dtype)
+        layer_metadata = dataclasses.replace(attn_metadata, block_table=block_table)
+    result = forward(layer, query, key, value, kv_cache, layer_metadata, output, *args, **kwargs)
+    runtime.after_attention(index, query, kv_cache, plan)
+    return result
 
 
 class EvictingCPUAttentionMetadataBuilder(EvictingBuilderMixin, CPUAttentionMetadataBuilder):
     pass
 
 
+def cpu_key_index(isa: str, block_size: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Where the CPU kernel stores key ``(t, d)`` of a block (see :class:`CPUBlockFormat`).
+
+    Found by writing probe keys through the kernel's own cache write: one probe encodes the token,
+    one the channel (small integers, exact in any dtype).
+    """
+    from vllm import _custom_ops as ops
+
+    probes = []
+    for axis in range(2):
+        cache = torch.full((1, 1, block_size, 2 * head_dim), -1.0, dtype=dtype)
+        view = cache.view(1, 1, 2 * block_size, head_dim)
+        key_cache, value_cache = view.chunk(2, dim=2)
+        t, d = torch.meshgrid(torch.arange(block_size), torch.arange(head_dim), indexing="ij")
+        key = (t if axis == 0 else d).to(dtype).unsqueeze(1)  # [block_size, 1, head_dim]
+        ops.cpu_attn_reshape_and_cache(key, torch.zeros_like(key), key_cache, value_cache,
+                                       torch.arange(block_size), isa, k_scale=1.0, v_scale=1.0,
+                                       kv_cache_dtype="auto")
+        probes.append(cache.reshape(-1)[:block_size * head_dim].float().round().long())
+    position = probes[0] * head_dim + probes[1]
+    if (position < 0).any() or not torch.equal(torch.sort(position).values,
+                                               torch.arange(block_size * head_dim)):
+        raise RuntimeError(f"vllm-kvevict: cannot read keys of the CPU KV-cache layout ({isa})")
+    index = torch.empty_like(position)
+    index[position] = torch.arange(position.numel())
+    return index
+
+
 class EvictingCPUAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         remember_worker_config()
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        return forward_with_pages(self, super().forward, layer, query, key, value, kv_cache,
+                                  attn_metadata, output, *args, **kwargs)
 
 
 class EvictingCPUAttentionBackend(CPUAttentionBackend):

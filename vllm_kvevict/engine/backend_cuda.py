@@ -1,13 +1,15 @@
 """CUDA: FlashAttention over resident pages, registered as ``--attention-backend CUSTOM``.
 
 Same mechanism as the CPU backend (:mod:`vllm_kvevict.engine.backend`): compact block tables and
-sequence lengths before FlashAttention's own builder runs. Not exercised by CI (no GPU there).
+sequence lengths before FlashAttention's own builder runs; page work (arkvale) around the kernel.
+Not exercised by CI (no GPU there) and not yet run: GPU machines lent to this project have no vLLM.
 """
 from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashAttentionImpl,
                                                    FlashAttentionMetadataBuilder)
 
 from vllm_kvevict.engine.backend import (EvictingBuilderMixin, customize_for_eviction,
-                                         remember_worker_config)
+                                         forward_with_pages, remember_worker_config)
+from vllm_kvevict.pages import FlashBlockFormat
 
 
 class EvictingFlashAttentionImpl(FlashAttentionImpl):
@@ -15,9 +17,13 @@ class EvictingFlashAttentionImpl(FlashAttentionImpl):
         super().__init__(*args, **kwargs)
         remember_worker_config()
 
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        return forward_with_pages(self, super().forward, layer, query, key, value, kv_cache,
+                                  attn_metadata, output, *args, **kwargs)
+
 
 class EvictingFlashAttentionMetadataBuilder(EvictingBuilderMixin, FlashAttentionMetadataBuilder):
-    pass
+    page_block_format = FlashBlockFormat()
 
 
 class EvictingFlashAttentionBackend(FlashAttentionBackend):

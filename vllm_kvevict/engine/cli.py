@@ -30,8 +30,9 @@ import sys
 from typing import Any, Callable, Mapping
 
 from vllm_kvevict.config import (ADDITIONAL_CONFIG_KEY, DEFAULT_BUDGET_TOKENS,
-                                 DEFAULT_EVICTING_BLOCK_SIZE, DEFAULT_SINK_TOKENS,
-                                 DEFAULT_WINDOW_TOKENS, EvictionConfig, EvictionConfigError)
+                                 DEFAULT_EVICTING_BLOCK_SIZE, DEFAULT_HOST_SPACE_GIB,
+                                 DEFAULT_SINK_TOKENS, DEFAULT_WINDOW_TOKENS, DIGEST_KINDS,
+                                 EvictionConfig, EvictionConfigError)
 
 # argparse dest / LLM keyword -> key in additional_config["kv_eviction"]
 SETTINGS = {
@@ -39,6 +40,10 @@ SETTINGS = {
     "kv_budget": "budget",
     "kv_sink_tokens": "sink_tokens",
     "kv_window_tokens": "window_tokens",
+    "kv_top_k_tokens": "top_k_tokens",
+    "kv_host_space": "host_space_gib",
+    "kv_sparse_attention": "sparse_attention",
+    "kv_digest": "digest",
 }
 GROUP_TITLE = "KV eviction (vllm-kvevict)"
 ERROR_PREFIX = "vllm-kvevict: error: "
@@ -133,8 +138,9 @@ def _add_cli_args(original, parser, *args, **kwargs):
         return parser  # EngineArgs.add_cli_args called twice on one parser
     group = parser.add_argument_group(
         GROUP_TITLE, "Cap the KV cache each request keeps (per layer) once its prompt is "
-        "processed. Also accepted as --additional-config.kv_eviction.<policy|budget|sink_tokens"
-        "|window_tokens>; these flags win over it.")
+        "processed. Also accepted as --additional-config.kv_eviction.<setting> (policy, budget, "
+        "sink_tokens, window_tokens, top_k_tokens, host_space_gib, sparse_attention, digest); "
+        "these flags win over it.")
     # The defaults stay None ("not set": vLLM's help prints them as "(default: None)"), so only
     # what the user set reaches additional_config; the effective defaults live in EvictionConfig.
     group.add_argument("--kv-eviction-policy", choices=sorted(POLICY_REGISTRY), default=None,
@@ -148,6 +154,20 @@ def _add_cli_args(original, parser, *args, **kwargs):
     group.add_argument("--kv-window-tokens", type=int, default=None, metavar="TOKENS",
                        help="Most recent tokens never evicted, rounded up to whole blocks; "
                             f"{DEFAULT_WINDOW_TOKENS} when unset.")
+    group.add_argument("--kv-top-k-tokens", type=int, default=None, metavar="TOKENS",
+                       help="arkvale: tokens picked per step by digest score besides sinks and "
+                            "window, rounded down to blocks; min(1280, budget/2) when unset.")
+    group.add_argument("--kv-host-space", type=float, default=None, metavar="GIB",
+                       help="arkvale: host memory per worker for page backups, in GiB; "
+                            f"{DEFAULT_HOST_SPACE_GIB:g} when unset. Requests wait (or are "
+                            "preempted) while it is full.")
+    group.add_argument("--kv-sparse-attention", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="arkvale: attend only over sinks + top-k + window pages instead of "
+                            "all resident pages.")
+    group.add_argument("--kv-digest", choices=DIGEST_KINDS, default=None,
+                       help="arkvale: page digest, cuboid-mean (ArkVale, default) or cuboid-max "
+                            "(min/max keys, as Quest).")
     return parser
 
 

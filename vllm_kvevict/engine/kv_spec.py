@@ -21,12 +21,15 @@ class EvictingAttentionSpec(FullAttentionSpec):
     budget_pages: int
     sink_pages: int
     window_pages: int
+    top_k_pages: int
     max_model_len: int  # the longest prompt, prefilled in full
+    host_pages: int = 0  # pages (all layers of this rank) the host backup holds; 0: no backup
 
     @property
     def layout(self) -> PageLayout:
         return PageLayout(block_size=self.block_size, budget_pages=self.budget_pages,
-                          sink_pages=self.sink_pages, window_pages=self.window_pages)
+                          sink_pages=self.sink_pages, window_pages=self.window_pages,
+                          top_k_pages=self.top_k_pages)
 
     @property
     def prefix_cacheable(self) -> bool:
@@ -43,18 +46,20 @@ class EvictingAttentionSpec(FullAttentionSpec):
 
     @classmethod
     def from_full_attention(cls, spec: FullAttentionSpec, layout: PageLayout,
-                            max_model_len: int) -> "EvictingAttentionSpec":
+                            max_model_len: int, host_pages: int = 0) -> "EvictingAttentionSpec":
         assert layout.block_size == spec.block_size, (layout, spec)
         base = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec)}
         return cls(**base, budget_pages=layout.budget_pages, sink_pages=layout.sink_pages,
-                   window_pages=layout.window_pages, max_model_len=max_model_len)
+                   window_pages=layout.window_pages, top_k_pages=layout.top_k_pages,
+                   max_model_len=max_model_len, host_pages=host_pages)
 
     @classmethod
     def merge(cls, specs: list["EvictingAttentionSpec"]) -> "EvictingAttentionSpec":
-        settings = {(spec.layout, spec.max_model_len) for spec in specs}
+        settings = {(spec.layout, spec.max_model_len, spec.host_pages) for spec in specs}
         assert len(settings) == 1, f"all layers must share one eviction layout, got {settings}"
-        layout, max_model_len = settings.pop()
-        return cls.from_full_attention(FullAttentionSpec.merge(specs), layout, max_model_len)
+        layout, max_model_len, host_pages = settings.pop()
+        return cls.from_full_attention(FullAttentionSpec.merge(specs), layout, max_model_len,
+                                       host_pages)
 
 
 def register_spec() -> None:

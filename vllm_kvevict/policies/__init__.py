@@ -4,15 +4,16 @@ Adding a policy: write one module with a dataclass subclassing :class:`EvictionP
 here and add it to ``POLICY_REGISTRY``. The block manager and the attention backend read only the
 policy's declared properties.
 """
-from vllm_kvevict.policies.base import EvictionPolicy
+from vllm_kvevict.policies.arkvale import ArkVale
+from vllm_kvevict.policies.base import EvictionPolicy, PageSelectionPolicy
 from vllm_kvevict.policies.none import NoEviction
 from vllm_kvevict.policies.streamingllm import StreamingLLM
 
 POLICY_REGISTRY: dict[str, EvictionPolicy] = {
-    policy.name: policy for policy in (NoEviction(), StreamingLLM())
+    policy.name: policy for policy in (NoEviction(), StreamingLLM(), ArkVale())
 }
 
-__all__ = ["EvictionPolicy", "NoEviction", "StreamingLLM", "POLICY_REGISTRY", "get_policy"]
+__all__ = ["ArkVale", "EvictionPolicy", "PageSelectionPolicy", "NoEviction", "StreamingLLM", "POLICY_REGISTRY", "get_policy"]
 
 
 def get_policy(name: str) -> EvictionPolicy:

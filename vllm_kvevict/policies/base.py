@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import torch
+
 
 @dataclasses.dataclass(frozen=True)
 class EvictionPolicy:
@@ -16,7 +18,26 @@ class EvictionPolicy:
     Attributes:
         name: the value of ``--kv-eviction-policy``.
         evicts: whether the policy caps resident blocks (``none`` does not).
+        selects: whether the policy picks pages per decode step and per layer among all pages of
+            the request, resident or not (pages are backed up to host memory and recalled).
     """
 
     name: ClassVar[str]
     evicts: ClassVar[bool] = True
+    selects: ClassVar[bool] = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PageSelectionPolicy(EvictionPolicy):
+    """A policy that ranks every filled page per step by one scoring rule.
+
+    The runtime keeps sinks and the recent window, adds the ``top_k`` best-scored pages, recalls
+    those not resident and attends (see :mod:`vllm_kvevict.pages`).
+    """
+
+    selects: ClassVar[bool] = True
+
+    def score(self, query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        """``[num_pages]`` scores (higher = keep) of pages with digests ``hi``/``lo``
+        (``[num_pages, num_kv_heads, head_dim]``) for one query ``[num_q_heads, head_dim]``."""
+        raise NotImplementedError

@@ -1,0 +1,128 @@
+"""Worker-side glue between vLLM's model runner and :class:`vllm_kvevict.pages.PageRuntime`.
+
+The attention metadata builder sees a batch as tensors with no request identity, so two hooks on
+the V1 model runner supply it:
+
+* ``_update_states`` (start of every ``execute_model``): forget requests that finished, were
+  aborted or preempted (their host pages are freed at once), or resumed (they are recomputed);
+  and mark that a real step is starting.
+* the builder of that step reads the runner's persistent batch (request ids, prompt lengths),
+  in row order, and plans the step. Dummy/profiling runs never start a step, so they plan nothing.
+
+One runtime per worker process (one KV-cache group: models with other attention types are
+refused at start-up).
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+from vllm.logger import init_logger
+
+from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.pages import CPUBlockFormat, HostPageStore, PageRuntime, RowInput
+
+logger = init_logger("vllm.kvevict")
+
+STATS_LOG_INTERVAL_S = 10.0
+
+_runtime: PageRuntime | None = None
+_active_runner = None  # the model runner whose step is being planned
+_step_pending = False
+_last_log = 0.0
+_last_logged_stats: tuple | None = None
+
+
+def current_runtime() -> PageRuntime | None:
+    """This worker's runtime (None before the first step or under a non-selecting policy)."""
+    return _runtime
+
+
+def create_runtime(config: EvictionConfig, spec, layer_names: list[str],
+                   block_format=None) -> PageRuntime:
+    """A new runtime for this worker's engine (replacing one of an engine shut down before)."""
+    global _runtime
+    from vllm_kvevict.policies import get_policy
+
+    store = HostPageStore(spec.host_pages, len(layer_names))
+    _runtime = PageRuntime(spec.layout, get_policy(config.policy), config.digest,
+                           config.sparse_attention, store, block_format or CPUBlockFormat(),
+                           len(layer_names))
+    _runtime.layer_index = {name: i for i, name in enumerate(layer_names)}
+    logger.info("vllm-kvevict: %s selects up to %d pages per step and layer (%d sink, %d window, "
+                "top-%d), attends over %s; host store holds %d pages", config.policy,
+                spec.sink_pages + spec.window_pages + spec.top_k_pages, spec.sink_pages,
+                spec.window_pages, spec.top_k_pages,
+                "them only" if config.sparse_attention else "all resident pages", spec.host_pages)
+    return _runtime
+
+
+def install_runner_hooks() -> None:
+    """Wrap ``GPUModelRunner._update_states`` (idempotent; the CPU runner inherits it)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._update_states
+    if getattr(original, "_kvevict", False):
+        return
+
+    @functools.wraps(original)
+    def _update_states(self, scheduler_output):
+        global _active_runner, _step_pending
+        if _runtime is not None:
+            gone = set(scheduler_output.finished_req_ids)
+            gone |= set(scheduler_output.preempted_req_ids or ())
+            gone |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+            for req_id in gone:
+                _runtime.release(req_id)
+        result = original(self, scheduler_output)
+        _active_runner, _step_pending = self, True
+        return result
+
+    _update_states._kvevict = True
+    GPUModelRunner._update_states = _update_states
+
+
+def take_step_rows(cm) -> list[RowInput] | None:
+    """The rows of the step being built, or None outside a real step (dummy/profiling runs)."""
+    global _step_pending
+    if not _step_pending or _active_runner is None:
+        return None
+    _step_pending = False
+    batch = _active_runner.input_batch
+    num_reqs = cm.num_reqs
+    req_ids = batch.req_ids[:num_reqs]
+    if len(req_ids) != num_reqs:
+        return None
+    query_start = cm.query_start_loc_cpu[:num_reqs + 1].tolist()
+    seq_lens = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
+                else cm.seq_lens.cpu())[:num_reqs].tolist()
+    table = cm.block_table_tensor[:num_reqs].cpu()
+    rows = []
+    for i, req_id in enumerate(req_ids):
+        num_new = query_start[i + 1] - query_start[i]
+        rows.append(RowInput(req_id=req_id, first_token=query_start[i],
+                             num_computed=seq_lens[i] - num_new, num_new=num_new,
+                             num_prompt=int(batch.num_prompt_tokens[i]), block_row=table[i]))
+    return rows
+
+
+def maybe_log_stats(runtime: PageRuntime) -> None:
+    """One INFO line every ``STATS_LOG_INTERVAL_S`` seconds while something changes."""
+    global _last_log, _last_logged_stats
+    now = time.monotonic()
+    stats = runtime.stats
+    current = (stats.backed_up, stats.evicted, stats.recalled, runtime.store.used_pages)
+    if now - _last_log < STATS_LOG_INTERVAL_S or current == _last_logged_stats:
+        return
+    _last_log, _last_logged_stats = now, current
+    store = runtime.store
+    logger.info("vllm-kvevict: host store %d/%d pages (%.1f MiB) for %d requests; pages backed "
+                "up %d, page copies evicted %d, recalled %d", store.used_pages, store.num_pages,
+                store.used_bytes / 2**20, len(runtime.requests), stats.backed_up, stats.evicted,
+                stats.recalled)
+
+
+def host_pages_for(config: EvictionConfig, page_size_bytes: int, num_layers: int) -> int:
+    """Host pages (all layers of one rank) that ``--kv-host-space`` holds."""
+    return config.host_space_bytes // (page_size_bytes * num_layers)
+

@@ -1,0 +1,427 @@
+"""The life of a page under a selecting policy (ArkVale): fill -> backup -> evict -> recall.
+
+Plain torch; vLLM glue (``vllm_kvevict.engine``) only feeds it the batch and the KV cache.
+
+* **Fill.** vLLM writes a request's tokens into the blocks the scheduler gave it; logical page
+  ``p`` is written into the block at position ``p`` of the request's block table.
+* **Backup.** In the step a page fills, each layer copies it to a host page and stores its digest
+  (``[hi, lo]`` per KV head, kept on the device for every page, resident or not).
+* **Evict.** The scheduler frees the blocks of positions ``PageLayout.evicted_pages``; whatever a
+  freed block held in each layer is no longer resident (its host copy stays).
+* **Recall.** Each decode step, per layer, the policy scores every backed-up page with the query;
+  sinks + window + the top-k pages are kept. Kept pages that are not resident are copied from
+  host into the owned blocks holding the lowest-scored pages that were not kept.
+
+Because layers choose different pages, one block holds different logical pages in different
+layers: :class:`RequestPages` keeps, per layer, which page each owned block holds. Keys carry their
+original RoPE positions, so attention over any set of blocks is attention over the pages they
+hold, in any order, as long as the page being filled comes last.
+
+Invariants (per request, per layer):
+
+* every owned block at a full position holds a distinct backed-up page; the block of the page
+  being filled holds that page;
+* sink pages and window pages are always held at their own positions;
+* with nothing evicted, every block holds its own page and nothing is selected or recalled, so
+  the result is the stock computation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Sequence
+
+import torch
+
+from vllm_kvevict.algorithms.digest import page_digests
+from vllm_kvevict.algorithms.selection import select_pages
+from vllm_kvevict.paging import PageLayout, cdiv
+
+
+class HostStoreFull(RuntimeError):
+    """The host store has no free page (the scheduler's reservation should prevent this)."""
+
+
+class BlockFormat(Protocol):
+    """How one layer's KV-cache tensor stores a block (a page)."""
+
+    block_dim: int
+
+    def page_shape(self, kv_cache: torch.Tensor) -> tuple[int, ...]: ...
+
+    def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """``[n, *page_shape]`` copies of the blocks."""
+
+    def write(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, pages: torch.Tensor) -> None: ...
+
+    def keys(self, pages: torch.Tensor) -> torch.Tensor:
+        """``[n, block_size, num_kv_heads, head_dim]`` keys of ``read`` pages."""
+
+
+class CPUBlockFormat:
+    """vLLM's CPU layout: ``[num_blocks, kv_heads, block_size, 2 * head_dim]``; per head, the
+    first ``block_size * head_dim`` elements hold the keys, the rest the values.
+
+    The CPU kernels store a block's keys in an ISA-specific order (e.g. transposed,
+    ``[head_dim, block_size]``, for AVX-512). ``key_index[t * head_dim + d]`` is the element
+    holding key ``(t, d)``; ``None`` means row-major ``[block_size, head_dim]``.
+    """
+
+    block_dim = 0
+
+    def __init__(self, key_index: torch.Tensor | None = None):
+        self.key_index = key_index
+
+    def page_shape(self, kv_cache):
+        return tuple(kv_cache.shape[1:])
+
+    def read(self, kv_cache, block_ids):
+        return kv_cache.index_select(0, block_ids)
+
+    def write(self, kv_cache, block_ids, pages):
+        kv_cache.index_copy_(0, block_ids, pages.to(kv_cache.device, non_blocking=True))
+
+    def keys(self, pages):
+        n, kv_heads, block_size, two_d = pages.shape
+        head_dim = two_d // 2
+        raw = pages.reshape(n, kv_heads, 2 * block_size * head_dim)[:, :, :block_size * head_dim]
+        if self.key_index is not None:
+            raw = raw.index_select(2, self.key_index.to(raw.device))
+        return raw.reshape(n, kv_heads, block_size, head_dim).permute(0, 2, 1, 3)
+
+
+class FlashBlockFormat:
+    """FlashAttention's layout: ``[2, num_blocks, block_size, kv_heads, head_dim]``."""
+
+    block_dim = 1
+
+    def page_shape(self, kv_cache):
+        return (2, *kv_cache.shape[2:])
+
+    def read(self, kv_cache, block_ids):
+        return kv_cache.index_select(1, block_ids).transpose(0, 1)
+
+    def write(self, kv_cache, block_ids, pages):
+        kv_cache.index_copy_(1, block_ids, pages.to(kv_cache.device, non_blocking=True)
+                             .transpose(0, 1))
+
+    def keys(self, pages):
+        return pages[:, 0]
+
+
+@dataclasses.dataclass
+class PageStats:
+    """Cumulative counters. Pages backed up count each page once (all layers); evictions and
+    recalls count page copies of one layer."""
+
+    backed_up: int = 0
+    evicted: int = 0
+    recalled: int = 0
+
+
+class HostPageStore:
+    """Host copies of pages (all layers) and their device-side digests, by host page id.
+
+    One host page id names a logical page of one request in every layer. Ids are handed out
+    before the tensors exist (the scheduler plans a step before any layer runs); :meth:`bind`
+    allocates them from the first layer's KV cache. On CUDA the host tensors are pinned, so
+    copies to and from them are asynchronous.
+    """
+
+    def __init__(self, num_pages: int, num_layers: int):
+        self.num_pages = num_pages
+        self.num_layers = num_layers
+        self.pages: list[torch.Tensor] = []
+        self.digests: list[torch.Tensor] = []
+        self.page_bytes = 0
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    def bind(self, kv_cache: torch.Tensor, block_format: "BlockFormat", num_kv_heads: int,
+             head_dim: int) -> None:
+        """Allocate the host pages and digests (idempotent)."""
+        if self.pages:
+            return
+        device = kv_cache.device
+        shape = block_format.page_shape(kv_cache)
+        pin = device.type == "cuda"
+        # torch.empty leaves host memory uncommitted until a page is first written.
+        self.pages = [torch.empty((self.num_pages, *shape), dtype=kv_cache.dtype, pin_memory=pin)
+                      for _ in range(self.num_layers)]
+        self.digests = [torch.empty((self.num_pages, 2, num_kv_heads, head_dim),
+                                    dtype=torch.float32, device=device)
+                        for _ in range(self.num_layers)]
+        page_numel = 1
+        for n in shape:
+            page_numel *= n
+        self.page_bytes = self.num_layers * page_numel * kv_cache.element_size()
+
+    @property
+    def used_pages(self) -> int:
+        return self.num_pages - len(self._free)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.used_pages * self.page_bytes
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise HostStoreFull(f"vllm-kvevict: host page store full ({self.num_pages} pages)")
+        taken = self._free[len(self._free) - n:]
+        del self._free[len(self._free) - n:]
+        return taken[::-1]
+
+    def release(self, host_ids: Sequence[int]) -> None:
+        self._free.extend(host_ids)
+
+
+@dataclasses.dataclass
+class RequestPages:
+    """One request's pages on this worker.
+
+    ``positions``/``block_ids`` list the blocks the request owns now (ascending positions);
+    ``held[layer, i]`` is the logical page block ``block_ids[i]`` holds in that layer.
+    """
+
+    host_ids: list[int] = dataclasses.field(default_factory=list)  # by logical page
+    positions: list[int] = dataclasses.field(default_factory=list)
+    block_ids: list[int] = dataclasses.field(default_factory=list)
+    held: torch.Tensor | None = None
+    num_tokens: int = 0  # tokens written after the last planned step
+
+    def host_id_tensor(self, num_pages: int, device) -> torch.Tensor:
+        return torch.tensor(self.host_ids[:num_pages], dtype=torch.int64, device=device)
+
+    def own(self, positions: list[int], block_ids: list[int], num_layers: int) -> int:
+        """Owned blocks become ``positions``/``block_ids``; returns page copies dropped.
+
+        A block seen before at the same position keeps what it holds in every layer; a new one
+        holds its own page (vLLM writes page ``p`` into position ``p``).
+        """
+        before = {(p, b): i for i, (p, b) in enumerate(zip(self.positions, self.block_ids))}
+        cols = [before.get(key, -1) for key in zip(positions, block_ids)]
+        new_held = torch.tensor(positions, dtype=torch.int64).unsqueeze(0).repeat(num_layers, 1)
+        kept = [(i, c) for i, c in enumerate(cols) if c >= 0]
+        if kept and self.held is not None:
+            dst, src = zip(*kept)
+            new_held[:, list(dst)] = self.held[:, list(src)]
+        dropped = len(self.positions) - len(kept)
+        self.positions, self.block_ids, self.held = list(positions), list(block_ids), new_held
+        return dropped * num_layers
+
+
+@dataclasses.dataclass
+class RowInput:
+    """One row of a step's batch, as the scheduler planned it."""
+
+    req_id: str
+    first_token: int  # index of the row's first query token in the batch
+    num_computed: int  # tokens in the cache before this step
+    num_new: int  # tokens computed in this step
+    num_prompt: int
+    block_row: Sequence[int]  # block id per logical position (at least the pages touched)
+
+
+@dataclasses.dataclass
+class RowSelection:
+    row: int
+    token: int  # the query token that scores pages
+    state: RequestPages
+    num_full: int  # backed-up pages
+    num_full_cols: int  # owned blocks holding full pages (the page being filled excluded)
+    partial_block: int | None  # the block of the page being filled, if any
+    blocks: torch.Tensor  # block id per owned column (int64)
+    window_full: int
+    survivors: torch.Tensor | None = None  # prefill end: columns that stay owned
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """What every layer does in one step (built once per step, read by every layer)."""
+
+    backup_blocks: torch.Tensor  # [n] blocks of pages filled this step
+    backup_hosts: torch.Tensor  # [n] their host pages
+    selections: list[RowSelection]  # decode rows with evicted pages: select + recall
+    prefill_ends: list[RowSelection]  # rows finishing their prompt: keep the best pages
+    sparse_seq_lens: dict[int, int]  # row -> tokens attended under sparse attention
+
+    @property
+    def empty(self) -> bool:
+        return not (self.backup_blocks.numel() or self.selections or self.prefill_ends)
+
+
+class PageRuntime:
+    """Per-worker page bookkeeping of one KV-cache group under a selecting policy."""
+
+    def __init__(self, layout: PageLayout, policy, digest: str, sparse_attention: bool,
+                 store: HostPageStore, block_format: BlockFormat, num_layers: int):
+        self.layout = layout
+        self.policy = policy
+        self.digest = digest
+        self.sparse_attention = sparse_attention
+        self.store = store
+        self.format = block_format
+        self.num_layers = num_layers
+        self.requests: dict[str, RequestPages] = {}
+        self.stats = PageStats()
+
+    # --- request lifetime ------------------------------------------------------------------
+
+    def release(self, req_id: str) -> None:
+        """Forget a finished, aborted or preempted request and free its host pages."""
+        state = self.requests.pop(req_id, None)
+        if state is not None:
+            self.store.release(state.host_ids)
+
+    def _state_for(self, row: RowInput) -> RequestPages:
+        state = self.requests.get(row.req_id)
+        if state is not None and row.num_computed < state.num_tokens:
+            self.release(row.req_id)  # recomputed from scratch (preempted and resumed)
+            state = None
+        if state is None:
+            state = self.requests[row.req_id] = RequestPages()
+        return state
+
+    # --- per step ------------------------------------------------------------------------------
+
+    def plan_step(self, rows: Sequence[RowInput], device) -> StepPlan:
+        """Update owned blocks, reserve host pages for pages filled this step, pick the rows that
+        select. Called once per step before any layer runs."""
+        layout, bs = self.layout, self.layout.block_size
+        backup_blocks: list[int] = []
+        backup_hosts: list[int] = []
+        selections, prefill_ends, sparse = [], [], {}
+        for i, row in enumerate(rows):
+            state = self._state_for(row)
+            seq_len = row.num_computed + row.num_new
+            prefilling = row.num_computed < row.num_prompt
+            evicted = layout.evicted_pages(row.num_computed, prefilling)
+            positions = [p for p in range(cdiv(seq_len, bs)) if p not in evicted]
+            blocks = [int(row.block_row[p]) for p in positions]
+            self.stats.evicted += state.own(positions, blocks, self.num_layers)
+            state.num_tokens = seq_len
+
+            num_full = seq_len // bs
+            new_pages = range(len(state.host_ids), num_full)
+            if len(new_pages):
+                hosts = self.store.allocate(len(new_pages))
+                state.host_ids.extend(hosts)
+                backup_hosts.extend(hosts)
+                backup_blocks.extend(int(row.block_row[p]) for p in new_pages)
+                self.stats.backed_up += len(new_pages)
+
+            partial = seq_len % bs != 0
+            last_token = row.first_token + row.num_new - 1
+            if not prefilling and len(evicted):
+                sel = self._selection(i, last_token, state, num_full, partial, device)
+                selections.append(sel)
+                if self.sparse_attention:
+                    num_selected = layout.selected_pages(num_full, partial)
+                    sparse[i] = num_selected * bs + seq_len % bs
+            elif prefilling and seq_len >= row.num_prompt:
+                after = layout.evicted_pages(seq_len, prefilling=False)
+                if len(after):
+                    sel = self._selection(i, last_token, state, num_full, partial, device)
+                    sel.survivors = torch.tensor(
+                        [c for c, p in enumerate(positions[:sel.num_full_cols]) if p not in after],
+                        dtype=torch.int64)
+                    prefill_ends.append(sel)
+        as_tensor = lambda ids: torch.tensor(ids, dtype=torch.int64, device=device)  # noqa: E731
+        return StepPlan(as_tensor(backup_blocks), as_tensor(backup_hosts), selections,
+                        prefill_ends, sparse)
+
+    def _selection(self, row: int, token: int, state: RequestPages, num_full: int, partial: bool,
+                   device) -> RowSelection:
+        num_full_cols = len(state.positions) - (1 if partial else 0)
+        return RowSelection(
+            row=row, token=token, state=state, num_full=num_full, num_full_cols=num_full_cols,
+            partial_block=state.block_ids[-1] if partial else None,
+            blocks=torch.tensor(state.block_ids, dtype=torch.int64, device=device),
+            window_full=self.layout.window_pages - (1 if partial else 0))
+
+    # --- per layer -----------------------------------------------------------------------------
+
+    def before_attention(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
+                         plan: StepPlan) -> dict[int, torch.Tensor]:
+        """Back up this step's full pages, then select and recall for decode rows.
+
+        Returns, under sparse attention, the blocks each selecting row attends over (the page
+        being filled last); otherwise an empty dict (rows attend over all owned blocks).
+        """
+        if plan.backup_blocks.numel():
+            self._backup(layer, kv_cache, plan.backup_blocks, plan.backup_hosts)
+        tables = {}
+        for sel in plan.selections:
+            keep, scores = self._keep(layer, query, sel)
+            held = sel.state.held[layer]
+            self._make_resident(layer, kv_cache, sel, keep, scores, held)
+            if self.sparse_attention:
+                cols = torch.isin(held[:sel.num_full_cols], keep).nonzero().squeeze(1)
+                blocks = sel.blocks[cols.to(sel.blocks.device)]
+                if sel.partial_block is not None:
+                    blocks = torch.cat([blocks, sel.blocks[-1:]])
+                tables[sel.row] = blocks
+        return tables
+
+    def after_attention(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
+                        plan: StepPlan) -> None:
+        """Rows that finished their prompt: move the best pages (scored with the last prompt
+        query) into the blocks that stay owned, before the scheduler frees the others."""
+        for sel in plan.prefill_ends:
+            keep, scores = self._keep(layer, query, sel)
+            held = sel.state.held[layer]
+            survivors = sel.survivors
+            present = torch.isin(held[survivors], keep)
+            missing = keep[~torch.isin(keep, held[survivors])]
+            if not missing.numel():
+                continue
+            candidates = survivors[~present]
+            victims = candidates[torch.argsort(scores[held[candidates]], stable=True)]
+            victims = victims[:missing.numel()]
+            # Before the prefill's end every block holds its own page: page p sits in column
+            # positions.index(p); the sources are columns that will be freed.
+            source_cols = torch.tensor([sel.state.positions.index(int(p)) for p in missing])
+            device = sel.blocks.device
+            pages = self.format.read(kv_cache, sel.blocks[source_cols.to(device)])
+            self.format.write(kv_cache, sel.blocks[victims.to(device)], pages)
+            held[victims] = missing
+            self.stats.evicted += missing.numel()
+
+    def _backup(self, layer: int, kv_cache: torch.Tensor, blocks: torch.Tensor,
+                hosts: torch.Tensor) -> None:
+        pages = self.format.read(kv_cache, blocks)
+        hi, lo = page_digests(self.format.keys(pages), self.digest)
+        self.store.digests[layer][hosts] = torch.stack([hi, lo], dim=1)
+        host_pages = self.store.pages[layer]
+        if host_pages.device == pages.device:
+            host_pages[hosts] = pages
+        else:
+            for host, page in zip(hosts.tolist(), pages):
+                host_pages[host].copy_(page, non_blocking=True)
+
+    def _keep(self, layer: int, query: torch.Tensor, sel: RowSelection):
+        """Pages kept for ``sel`` in ``layer`` (ascending) and the scores of all full pages."""
+        digests = self.store.digests[layer]
+        hosts = sel.state.host_id_tensor(sel.num_full, digests.device)
+        box = digests[hosts]
+        scores = self.policy.score(query[sel.token], box[:, 0], box[:, 1]).cpu()
+        keep = select_pages(scores, self.layout.sink_pages, sel.window_full,
+                            self.layout.top_k_pages)
+        return keep, scores
+
+    def _make_resident(self, layer: int, kv_cache: torch.Tensor, sel: RowSelection,
+                       keep: torch.Tensor, scores: torch.Tensor, held: torch.Tensor) -> None:
+        """Recall kept pages that this layer does not hold, over the lowest-scored pages that
+        are not kept (never the page being filled)."""
+        held_full = held[:sel.num_full_cols]
+        present = torch.isin(held_full, keep)
+        missing = keep[~torch.isin(keep, held_full)]
+        if not missing.numel():
+            return
+        candidates = (~present).nonzero().squeeze(1)
+        victims = candidates[torch.argsort(scores[held_full[candidates]], stable=True)]
+        victims = victims[:missing.numel()]
+        host_pages = self.store.pages[layer]
+        hosts = torch.tensor([sel.state.host_ids[p] for p in missing.tolist()], dtype=torch.int64)
+        self.format.write(kv_cache, sel.blocks[victims.to(sel.blocks.device)], host_pages[hosts])
+        held[victims] = missing
+        self.stats.recalled += missing.numel()
+        self.stats.evicted += missing.numel()
