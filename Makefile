@@ -2,7 +2,7 @@
 VENV ?= .venv
 HOST ?= 127.0.0.1
 PORT ?= 8000
-CONFIG ?= configs/streamingllm.yaml
+CONFIG ?= configs/arkvale.yaml
 # CPU memory for the KV cache, in GiB (vLLM's CPU backend setting).
 export VLLM_CPU_KVCACHE_SPACE ?= 4
 

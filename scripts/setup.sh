@@ -17,7 +17,7 @@ stamp="$VENV/.kvevict-$KVEVICT_TARGET-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing vllm-kvevict[$KVEVICT_TARGET] into $VENV"
   "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q -e ".[$KVEVICT_TARGET,model,test]"
+  "$PY" -m pip install -q -e ".[$KVEVICT_TARGET,model,test,bench]"
   if [ "$KVEVICT_TARGET" = cpu ]; then "$PY" scripts/cpu_fixes.py; fi
   touch "$stamp"
 fi

@@ -14,3 +14,18 @@ def model_path() -> str:
     from vllm_kvevict.model import prepare_bundled_model
 
     return str(prepare_bundled_model())
+
+
+_REPORTS: list[str] = []
+
+
+def report(line: str) -> None:
+    """A measured result worth seeing in the test log (printed in the terminal summary)."""
+    _REPORTS.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORTS:
+        terminalreporter.section("vllm-kvevict measurements")
+        for line in _REPORTS:
+            terminalreporter.write_line(line)

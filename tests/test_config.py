@@ -17,7 +17,7 @@ def test_reads_additional_config_and_coerces_strings():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"policy": "bogus"}, "unknown --kv-eviction-policy 'bogus'; choose one of: none, streamingllm"),
+    ({"policy": "bogus"}, "unknown --kv-eviction-policy 'bogus'; choose one of: arkvale, none, streamingllm"),
     ({"budget": 0}, "--kv-budget must be a positive integer, got 0"),
     ({"sink_tokens": -4}, "--kv-sink-tokens must be a positive integer, got -4"),
     ({"window_tokens": "many"}, "--kv-window-tokens must be a positive integer, got 'many'"),
@@ -35,3 +35,31 @@ def test_invalid_settings_raise_one_line(raw, message):
 def test_layout_uses_block_size():
     layout = EvictionConfig(policy="streamingllm", budget=512).layout(32)
     assert (layout.budget_pages, layout.sink_pages, layout.window_pages) == (16, 2, 2)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"host_space_gib": "lots"}, "--kv-host-space must be a positive number of GiB, got 'lots'"),
+    ({"host_space_gib": 0}, "--kv-host-space must be a positive number of GiB, got 0"),
+    ({"digest": "sphere"}, "unknown --kv-digest 'sphere'; choose one of: cuboid-mean, cuboid-max"),
+    ({"sparse_attention": "maybe"}, "--kv-sparse-attention must be true or false, got 'maybe'"),
+    ({"top_k_tokens": -1}, "--kv-top-k-tokens must be a positive integer, got -1"),
+])
+def test_arkvale_settings_are_validated(raw, message):
+    with pytest.raises(EvictionConfigError) as info:
+        EvictionConfig.from_dict({"policy": "arkvale", **raw})
+    assert message in str(info.value)
+
+
+def test_arkvale_settings_from_strings():
+    config = EvictionConfig.from_dict({"policy": "arkvale", "host_space_gib": "0.5",
+                                       "sparse_attention": "true", "top_k_tokens": "128"})
+    assert (config.host_space_gib, config.sparse_attention, config.top_k_tokens) == (0.5, True, 128)
+    assert config.host_space_bytes == 1 << 29
+
+
+def test_top_k_default_follows_arkvale_and_fits_the_budget():
+    assert EvictionConfig(policy="arkvale", budget=512).layout(32).top_k_pages == 8  # 256 tokens
+    assert EvictionConfig(policy="arkvale", budget=8192).layout(32).top_k_pages == 40  # 1280
+    assert EvictionConfig(policy="arkvale", budget=128).layout(32).top_k_pages == 0  # no room
+    with pytest.raises(EvictionConfigError, match="--kv-top-k-tokens is 14 blocks of 32 tokens"):
+        EvictionConfig(policy="arkvale", budget=512, top_k_tokens=448).layout(32)

@@ -19,8 +19,8 @@ hold, in any order, as long as the page being filled comes last.
 
 Invariants (per request, per layer):
 
-* every owned block at a full position holds a distinct backed-up page; the block of the page
-  being filled holds that page;
+* between steps (after the scheduler's frees), every owned block at a full position holds a
+  distinct backed-up page; the block of the page being filled holds that page;
 * sink pages and window pages are always held at their own positions;
 * with nothing evicted, every block holds its own page and nothing is selected or recalled, so
   the result is the stock computation.
@@ -118,6 +118,38 @@ class PageStats:
     recalled: int = 0
 
 
+@dataclasses.dataclass
+class SelectionProbe:
+    """Diagnostics (benchmarks only): how well digest scores find the pages that exact attention
+    weighs most. For each selection, exact attention of the query over all backed-up pages (keys
+    read from the host store) gives each page's attention mass (mean over query heads); among
+    pages that are not pinned (sinks, window), the ``top_k`` by mass are compared with the
+    ``top_k`` by digest score."""
+
+    selections: int = 0
+    top_k_overlap: float = 0.0  # sum over selections of |digest top-k & exact top-k| / k
+    top1_hits: int = 0  # the heaviest unpinned page was among the digest top-k
+
+    def record(self, query: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor,
+               sink_pages: int, window_pages: int, top_k: int) -> None:
+        """``query [heads, d]``, ``keys [pages, page, kv_heads, d]``, ``scores [pages]``."""
+        num_pages, page, kv_heads, head_dim = keys.shape
+        unpinned = torch.arange(sink_pages, num_pages - window_pages)
+        k = min(top_k, unpinned.numel())
+        if k <= 0:
+            return
+        group = query.shape[0] // kv_heads
+        q = query.float().view(kv_heads, group, head_dim)
+        flat = keys.float().permute(2, 0, 1, 3).reshape(kv_heads, num_pages * page, head_dim)
+        logits = torch.einsum("hgd,htd->hgt", q, flat) / head_dim ** 0.5
+        mass = logits.softmax(-1).view(kv_heads, group, num_pages, page).sum(-1).mean((0, 1))
+        exact = set(unpinned[mass[unpinned].topk(k).indices].tolist())
+        digest = set(unpinned[scores[unpinned].topk(k).indices].tolist())
+        self.selections += 1
+        self.top_k_overlap += len(exact & digest) / k
+        self.top1_hits += int(unpinned[mass[unpinned].argmax()].item() in digest)
+
+
 class HostPageStore:
     """Host copies of pages (all layers) and their device-side digests, by host page id.
 
@@ -196,6 +228,14 @@ class RequestPages:
         A block seen before at the same position keeps what it holds in every layer; a new one
         holds its own page (vLLM writes page ``p`` into position ``p``).
         """
+        n = len(self.positions)
+        if (self.held is not None and positions[:n] == self.positions
+                and block_ids[:n] == self.block_ids):  # usual step: same blocks, maybe appended
+            if len(positions) > n:
+                appended = torch.tensor(positions[n:], dtype=torch.int64)
+                self.held = torch.cat([self.held, appended.expand(num_layers, -1)], dim=1)
+                self.positions, self.block_ids = list(positions), list(block_ids)
+            return 0
         before = {(p, b): i for i, (p, b) in enumerate(zip(self.positions, self.block_ids))}
         cols = [before.get(key, -1) for key in zip(positions, block_ids)]
         new_held = torch.tensor(positions, dtype=torch.int64).unsqueeze(0).repeat(num_layers, 1)
@@ -262,6 +302,7 @@ class PageRuntime:
         self.num_layers = num_layers
         self.requests: dict[str, RequestPages] = {}
         self.stats = PageStats()
+        self.probe: SelectionProbe | None = None  # set by benchmarks
 
     # --- request lifetime ------------------------------------------------------------------
 
@@ -294,7 +335,8 @@ class PageRuntime:
             seq_len = row.num_computed + row.num_new
             prefilling = row.num_computed < row.num_prompt
             evicted = layout.evicted_pages(row.num_computed, prefilling)
-            positions = [p for p in range(cdiv(seq_len, bs)) if p not in evicted]
+            num_pages = cdiv(seq_len, bs)
+            positions = [*range(min(evicted.start, num_pages)), *range(evicted.stop, num_pages)]
             blocks = [int(row.block_row[p]) for p in positions]
             self.stats.evicted += state.own(positions, blocks, self.num_layers)
             state.num_tokens = seq_len
@@ -405,6 +447,10 @@ class PageRuntime:
         scores = self.policy.score(query[sel.token], box[:, 0], box[:, 1]).cpu()
         keep = select_pages(scores, self.layout.sink_pages, sel.window_full,
                             self.layout.top_k_pages)
+        if self.probe is not None:
+            pages = self.store.pages[layer][sel.state.host_id_tensor(sel.num_full, "cpu")]
+            self.probe.record(query[sel.token].cpu(), self.format.keys(pages).cpu(), scores,
+                              self.layout.sink_pages, sel.window_full, self.layout.top_k_pages)
         return keep, scores
 
     def _make_resident(self, layer: int, kv_cache: torch.Tensor, sel: RowSelection,
@@ -420,8 +466,15 @@ class PageRuntime:
         victims = candidates[torch.argsort(scores[held_full[candidates]], stable=True)]
         victims = victims[:missing.numel()]
         host_pages = self.store.pages[layer]
-        hosts = torch.tensor([sel.state.host_ids[p] for p in missing.tolist()], dtype=torch.int64)
-        self.format.write(kv_cache, sel.blocks[victims.to(sel.blocks.device)], host_pages[hosts])
+        hosts = [sel.state.host_ids[p] for p in missing.tolist()]
+        blocks = sel.blocks[victims.to(sel.blocks.device)]
+        if host_pages.device == kv_cache.device:
+            self.format.write(kv_cache, blocks, host_pages[torch.tensor(hosts)])
+        else:
+            # One stream-ordered copy per page straight from pinned memory, so a recall always
+            # sees the backup queued before it.
+            for i, host in enumerate(hosts):
+                self.format.write(kv_cache, blocks[i:i + 1], host_pages[host:host + 1])
         held[victims] = missing
         self.stats.recalled += missing.numel()
         self.stats.evicted += missing.numel()

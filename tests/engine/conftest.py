@@ -20,7 +20,8 @@ def make_llm(model_path: str, policy: str, budget: int | None = None, **kwargs):
     eviction = {"kv_eviction_policy": policy}
     if budget is not None:
         eviction["kv_budget"] = budget
-    return LLM(model_path, max_model_len=8192, enforce_eager=True, seed=0, **eviction, **kwargs)
+    kwargs.setdefault("max_model_len", 8192)
+    return LLM(model_path, enforce_eager=True, seed=0, **eviction, **kwargs)
 
 
 def close_llm(llm) -> None:

@@ -75,10 +75,14 @@ def test_flag_group_offers_implemented_policies_only(serve_parser):
     serve = serve_parser._subparsers._group_actions[0].choices["serve"]
     group = next(g for g in serve._action_groups if g.title == GROUP_TITLE)
     actions = {a.option_strings[0]: a for a in group._group_actions}
-    assert sorted(actions) == ["--kv-budget", "--kv-eviction-policy", "--kv-sink-tokens",
-                               "--kv-window-tokens"]
+    assert sorted(actions) == ["--kv-budget", "--kv-digest", "--kv-eviction-policy",
+                               "--kv-host-space", "--kv-sink-tokens", "--kv-sparse-attention",
+                               "--kv-top-k-tokens", "--kv-window-tokens"]
     assert actions["--kv-eviction-policy"].choices == sorted(POLICY_REGISTRY)
-    assert all(actions[f].type is int for f in actions if f != "--kv-eviction-policy")
+    assert sorted(POLICY_REGISTRY) == ["arkvale", "none", "streamingllm"]
+    assert all(actions[f].type is int for f in ("--kv-budget", "--kv-sink-tokens",
+                                                "--kv-window-tokens", "--kv-top-k-tokens"))
+    assert actions["--kv-host-space"].type is float
 
 
 def test_additional_config_route_alone(serve_parser, model_path):
@@ -201,6 +205,13 @@ def test_yaml_configs_resolve(serve_parser, model_path):
     none = serve_engine_args(serve_parser, model_path, "--config", NONE_YAML)
     assert streaming.create_engine_config().cache_config.block_size == 32
     assert none.create_engine_config().cache_config.block_size == 128
+    arkvale = serve_engine_args(serve_parser, model_path, "--config",
+                                REPO / "configs" / "arkvale.yaml")
+    assert arkvale.additional_config["kv_eviction"] == {
+        "policy": "arkvale", "budget": 512, "sink_tokens": 64, "window_tokens": 64,
+        "top_k_tokens": 256, "host_space_gib": 4.0,
+        "digest": "cuboid-mean"}
+    assert arkvale.create_engine_config().cache_config.block_size == 32
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -369,3 +380,12 @@ def test_vllm_serve_refuses_bad_input_with_one_line(model_path, unsupported_mode
     lines = [line for line in result.stderr.splitlines() if message in line]
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_arkvale_flags_reach_additional_config(serve_parser, model_path):
+    args = serve_engine_args(serve_parser, model_path, "--kv-eviction-policy", "arkvale",
+                             "--kv-host-space", "0.5", "--kv-sparse-attention", "--kv-digest",
+                             "cuboid-max", "--kv-top-k-tokens", "128")
+    assert args.additional_config == {"kv_eviction": {
+        "policy": "arkvale", "host_space_gib": 0.5, "sparse_attention": True,
+        "digest": "cuboid-max", "top_k_tokens": 128}}

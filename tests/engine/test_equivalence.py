@@ -35,12 +35,19 @@ def _greedy(llm, prompts):
 
 
 @pytest.fixture(scope="module")
-def none_tokens(model_path):
+def none_runs(model_path):
+    """Greedy tokens of ``none`` for the batch, and for each prompt alone (CPU kernels are not
+    batch-invariant, so each run is compared with ``none`` run the same way)."""
     llm = make_llm(model_path, "none", block_size=BLOCK_SIZE)
     try:
-        yield _greedy(llm, _prompts())
+        yield _greedy(llm, _prompts()), [_greedy(llm, [prompt])[0] for prompt in _prompts()]
     finally:
         close_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def none_tokens(none_runs):
+    return none_runs[0]
 
 
 def test_none_matches_stock_vllm(model_path, none_tokens, tmp_path):
@@ -58,10 +65,24 @@ def test_none_matches_stock_vllm(model_path, none_tokens, tmp_path):
     assert stock == none_tokens
 
 
-def test_streamingllm_with_covering_budget_matches_none(model_path, none_tokens):
-    llm = make_llm(model_path, "streamingllm", budget=8192)
+@pytest.mark.parametrize("policy, settings", [
+    ("streamingllm", {}),
+    ("arkvale", {}),
+    ("arkvale", {"kv_sparse_attention": True, "kv_digest": "cuboid-max"}),
+])
+def test_covering_budget_matches_none(model_path, none_runs, policy, settings):
+    """A batch of mixed lengths, then each prompt alone (arkvale also backs every page up)."""
+    none_tokens, none_alone = none_runs
+    llm = make_llm(model_path, policy, budget=8192, **settings)
     try:
         assert llm.llm_engine.vllm_config.cache_config.block_size == BLOCK_SIZE
         assert _greedy(llm, _prompts()) == none_tokens
+        if policy == "arkvale":
+            from vllm_kvevict.engine.page_runtime import current_runtime
+
+            assert current_runtime().stats.backed_up > 0
+            assert current_runtime().stats.recalled == 0
+            alone = [_greedy(llm, [prompt])[0] for prompt in _prompts()]
+            assert alone == none_alone
     finally:
         close_llm(llm)

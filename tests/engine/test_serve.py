@@ -25,7 +25,7 @@ def _vllm_executable() -> str:
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    """One server per module: streamingllm at a 512-token budget."""
+    """One server per module: arkvale at a 512-token budget."""
     import requests
 
     port = _free_port()
@@ -35,7 +35,7 @@ def server(model_path, tmp_path_factory):
         process = subprocess.Popen(
             [_vllm_executable(), "serve", model_path, "--host", "127.0.0.1", "--port", str(port),
              "--max-model-len", "8192", "--enforce-eager", "--served-model-name", "smollm2",
-             "--kv-eviction-policy", "streamingllm", "--kv-budget", "512"],
+             "--kv-eviction-policy", "arkvale", "--kv-budget", "512"],
             stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -69,7 +69,7 @@ def client(server):
 
 def test_server_runs_the_plugin(server):
     log = server[1].read_text()
-    assert "vllm-kvevict: policy streamingllm, budget 512 tokens = 16 blocks of 32" in log
+    assert "vllm-kvevict: policy arkvale, budget 512 tokens = 16 blocks of 32" in log
     assert "vllm-kvevict: budget 16 blocks of 32 tokens (2 sink blocks)" in log
 
 
@@ -100,3 +100,21 @@ def test_long_prompt_past_the_budget_is_served(client):
     result = client.completions.create(model="smollm2", prompt=prompt, max_tokens=64, temperature=0)
     assert result.usage.prompt_tokens > 1024
     assert result.usage.completion_tokens == 64 or result.choices[0].finish_reason == "stop"
+
+
+def test_passkey_recalled_through_the_server(client, server, model_path):
+    """A key in the middle of a ~4k-token prompt: evicted after prefill, recalled by digest."""
+    from transformers import AutoTokenizer
+
+    from vllm_kvevict.eval.passkey import found, make_trials
+
+    trial = make_trials(AutoTokenizer.from_pretrained(model_path), 4000, 1, seed=0,
+                        depths=[0.5])[0]
+    result = client.completions.create(model="smollm2", prompt=trial.prompt, max_tokens=8,
+                                       temperature=0)
+    assert found(trial, result.choices[0].text), result.choices[0].text
+    deadline = time.monotonic() + 30
+    while "vllm-kvevict: host store" not in server[1].read_text():
+        assert time.monotonic() < deadline, "no page statistics line in the server log"
+        time.sleep(1)
+    assert "vllm-kvevict: arkvale selects up to 12 pages per step and layer" in server[1].read_text()

@@ -112,6 +112,7 @@ class EvictingBuilderMixin:
 
     kv_cache_spec: object
     layer_names: list[str]
+    vllm_config: object
     device: torch.device
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -122,7 +123,7 @@ class EvictingBuilderMixin:
         plan = None
         runtime = self._page_runtime()
         if runtime is not None:
-            rows = page_runtime.take_step_rows(common_attn_metadata)
+            rows = page_runtime.take_step_rows(common_attn_metadata, runtime)
             if rows:
                 plan = runtime.plan_step(rows, self.device)
                 page_runtime.maybe_log_stats(runtime)
@@ -137,9 +138,10 @@ class EvictingBuilderMixin:
     def _page_runtime(self):
         if not hasattr(self, "_kvevict_runtime"):
             runtime = None
-            if _worker_config is not None and get_policy(_worker_config.policy).selects:
+            config = EvictionConfig.from_vllm_config(self.vllm_config)
+            if get_policy(config.policy).selects:
                 runtime = page_runtime.create_runtime(
-                    _worker_config, self.kv_cache_spec, list(self.layer_names),
+                    config, self.kv_cache_spec, list(self.layer_names),
                     getattr(self, "page_block_format", None))
             self._kvevict_runtime = runtime
         return self._kvevict_runtime

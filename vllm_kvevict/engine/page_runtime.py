@@ -34,7 +34,7 @@ _last_logged_stats: tuple | None = None
 
 
 def current_runtime() -> PageRuntime | None:
-    """This worker's runtime (None before the first step or under a non-selecting policy)."""
+    """The runtime created last in this process (one per worker; tests and stats)."""
     return _runtime
 
 
@@ -68,12 +68,13 @@ def install_runner_hooks() -> None:
     @functools.wraps(original)
     def _update_states(self, scheduler_output):
         global _active_runner, _step_pending
-        if _runtime is not None:
+        runtime = getattr(self, "_kvevict_runtime", None)
+        if runtime is not None:
             gone = set(scheduler_output.finished_req_ids)
             gone |= set(scheduler_output.preempted_req_ids or ())
             gone |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
             for req_id in gone:
-                _runtime.release(req_id)
+                runtime.release(req_id)
         result = original(self, scheduler_output)
         _active_runner, _step_pending = self, True
         return result
@@ -82,12 +83,16 @@ def install_runner_hooks() -> None:
     GPUModelRunner._update_states = _update_states
 
 
-def take_step_rows(cm) -> list[RowInput] | None:
-    """The rows of the step being built, or None outside a real step (dummy/profiling runs)."""
+def take_step_rows(cm, runtime: PageRuntime) -> list[RowInput] | None:
+    """The rows of the step being built, or None outside a real step (dummy/profiling runs).
+
+    Also ties ``runtime`` to the runner, whose ``_update_states`` then releases its requests.
+    """
     global _step_pending
     if not _step_pending or _active_runner is None:
         return None
     _step_pending = False
+    _active_runner._kvevict_runtime = runtime
     batch = _active_runner.input_batch
     num_reqs = cm.num_reqs
     req_ids = batch.req_ids[:num_reqs]
@@ -96,7 +101,7 @@ def take_step_rows(cm) -> list[RowInput] | None:
     query_start = cm.query_start_loc_cpu[:num_reqs + 1].tolist()
     seq_lens = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
                 else cm.seq_lens.cpu())[:num_reqs].tolist()
-    table = cm.block_table_tensor[:num_reqs].cpu()
+    table = cm.block_table_tensor[:num_reqs].cpu().tolist()
     rows = []
     for i, req_id in enumerate(req_ids):
         num_new = query_start[i + 1] - query_start[i]

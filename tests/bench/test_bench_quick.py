@@ -1,0 +1,39 @@
+"""Smoke test: every benchmark runs end to end in --quick mode and writes JSON, markdown, PNG."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+NAMES = ["passkey", "perplexity", "latency", "recall", "throughput"]
+
+
+def test_all_benchmarks_quick(tmp_path, model_path):
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    result = subprocess.run([sys.executable, "-m", "vllm_kvevict.bench", "all", "--quick",
+                             "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=1500)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for name in NAMES:
+        payload = json.loads((tmp_path / f"{name}.json").read_text())
+        assert payload["environment"]["vllm"] and payload["environment"]["machine"]
+        table = (tmp_path / f"{name}.md").read_text()
+        assert "| none" in table or name == "recall"
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    latency = json.loads((tmp_path / "latency.json").read_text())["results"]
+    assert [r["policy"] for r in latency] == ["none", "arkvale", "arkvale"]
+    assert all(r["steps"] >= 10 and r["median_ms"] > 0 for r in latency)
+    throughput = json.loads((tmp_path / "throughput.json").read_text())["results"]
+    assert {r["policy"] for r in throughput} == {"none", "streamingllm", "arkvale"}
+    assert all(r["output_tokens"] == 4 * 16 for r in throughput)
+    perplexity = json.loads((tmp_path / "perplexity.json").read_text())["results"]
+    assert all(1 < r["perplexity"] < 1000 for r in perplexity)
+
+
+def test_unknown_setting_is_refused():
+    result = subprocess.run([sys.executable, "-m", "vllm_kvevict.bench", "latency", "--set",
+                             "trails=3"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "latency has no setting 'trails'" in result.stderr

@@ -1,0 +1,218 @@
+"""The page life (fill -> backup -> evict -> recall) in plain torch, driven like vLLM drives it.
+
+A small fake scheduler hands out blocks and frees ``PageLayout.evicted_pages`` as the real manager
+does; every token's value vector carries ``page + 100 * layer``, so a block's content names the
+page it holds and the per-layer page tables can be checked against the cache itself.
+"""
+import pytest
+import torch
+
+from vllm_kvevict.pages import (CPUBlockFormat, HostPageStore, HostStoreFull, PageRuntime,
+                                RowInput)
+from vllm_kvevict.paging import PageLayout, cdiv
+from vllm_kvevict.policies import get_policy
+
+BS, KV_HEADS, HEAD_DIM, LAYERS, NUM_BLOCKS = 4, 1, 8, 2, 64
+LAYOUT = PageLayout(block_size=BS, budget_pages=6, sink_pages=1, window_pages=1, top_k_pages=2)
+
+
+class FakeEngine:
+    """One worker's KV cache, a scheduler's block table and the page runtime."""
+
+    def __init__(self, sparse=False, host_pages=64):
+        self.kv = [torch.zeros(NUM_BLOCKS, KV_HEADS, BS, 2 * HEAD_DIM) for _ in range(LAYERS)]
+        self.free = list(range(1, NUM_BLOCKS))
+        self.tables: dict[str, list[int]] = {}
+        self.computed: dict[str, int] = {}
+        self.fmt = CPUBlockFormat()
+        self.store = HostPageStore(host_pages, LAYERS)
+        self.store.bind(self.kv[0], self.fmt, KV_HEADS, HEAD_DIM)
+        self.runtime = PageRuntime(LAYOUT, get_policy("arkvale"), "cuboid-mean", sparse,
+                                   self.store, self.fmt, LAYERS)
+        self.page_keys = torch.randn(200, HEAD_DIM)  # keys of page p: around page_keys[p]
+
+    def step(self, batch: dict[str, int], prompts: dict[str, int], favour: dict[str, int]):
+        """Run one step: ``batch`` maps request -> tokens to compute; ``favour`` the page whose
+        keys each request's last query should point at."""
+        rows, first = [], 0
+        for req, num_new in batch.items():
+            num_computed = self.computed.setdefault(req, 0)
+            table = self.tables.setdefault(req, [])
+            prefilling = num_computed < prompts[req]
+            for p in LAYOUT.evicted_pages(num_computed, prefilling):  # scheduler frees
+                if table[p] is not None:
+                    self.free.append(table[p])
+                    table[p] = None
+            while len(table) < cdiv(num_computed + num_new, BS):
+                table.append(self.free.pop(0))
+            rows.append(RowInput(req, first, num_computed, num_new, prompts[req],
+                                 [b if b is not None else 0 for b in table]))
+            first += num_new
+        plan = self.runtime.plan_step(rows, "cpu")
+        query = torch.zeros(first, 2, HEAD_DIM)  # 2 query heads over 1 KV head
+        for row in rows:
+            for t in range(row.num_computed, row.num_computed + row.num_new):  # write KV
+                page, slot = divmod(t, BS)
+                block = self.tables[row.req_id][page]
+                for layer in range(LAYERS):
+                    key = self.page_keys[page] + 0.01 * torch.randn(HEAD_DIM)
+                    raw = self.kv[layer][block, 0].view(2, BS, HEAD_DIM)
+                    raw[0, slot], raw[1, slot] = key, page + 100 * layer
+            last = row.first_token + row.num_new - 1
+            query[last] = 10 * self.page_keys[favour.get(row.req_id, 0)]
+        tables = {}
+        for layer in range(LAYERS):
+            tables[layer] = self.runtime.before_attention(layer, query, self.kv[layer], plan)
+            self.runtime.after_attention(layer, query, self.kv[layer], plan)
+        for row in rows:
+            self.computed[row.req_id] += row.num_new
+        return plan, tables
+
+    def held_by_content(self, req: str, layer: int) -> list[int]:
+        state = self.runtime.requests[req]
+        return [int(self.kv[layer][b, 0].view(2, BS, HEAD_DIM)[1, 0, 0]) - 100 * layer
+                for b in state.block_ids]
+
+    def check_invariants(self, req: str) -> None:
+        state = self.runtime.requests[req]
+        seq_len = self.computed[req]
+        num_full = seq_len // BS
+        for layer in range(LAYERS):
+            held = state.held[layer].tolist()
+            assert held == self.held_by_content(req, layer)  # the table is the truth
+            full = [p for p, pos in zip(held, state.positions) if pos < num_full]
+            assert len(set(full)) == len(full)
+            for p in range(LAYOUT.sink_pages):
+                assert held[state.positions.index(p)] == p
+            if seq_len % BS:
+                assert held[-1] == num_full  # the page being filled, last
+
+
+def test_prompt_within_budget_backs_up_but_never_selects():
+    engine = FakeEngine()
+    plan, _ = engine.step({"a": 18}, {"a": 18}, {})
+    assert plan.backup_blocks.numel() == 4 and not plan.selections and not plan.prefill_ends
+    assert engine.store.used_pages == 4
+    for _ in range(3):
+        plan, _ = engine.step({"a": 1}, {"a": 18}, {"a": 1})
+        assert not plan.selections
+    assert engine.runtime.stats.recalled == 0
+    engine.check_invariants("a")
+
+
+def test_digests_match_the_backed_up_keys():
+    engine = FakeEngine()
+    engine.step({"a": 8}, {"a": 8}, {})
+    state = engine.runtime.requests["a"]
+    for layer in range(LAYERS):
+        host = engine.store.pages[layer][state.host_ids[1]]
+        assert torch.equal(host, engine.kv[layer][engine.tables["a"][1]])
+        keys = engine.fmt.keys(host.unsqueeze(0))[0]  # [BS, kv, d]
+        centre = (keys.amax(0) + keys.amin(0)) / 2
+        radius = (keys - centre).abs().mean(0)
+        digest = engine.store.digests[layer][state.host_ids[1]]
+        torch.testing.assert_close(digest[0], centre + radius)
+        torch.testing.assert_close(digest[1], centre - radius)
+
+
+def test_prefill_end_keeps_the_best_pages_and_decode_recalls_evicted_ones():
+    engine = FakeEngine()
+    prompt = 12 * BS + 2  # 12 full pages + a partial one; budget 6 pages
+    engine.step({"a": prompt}, {"a": prompt}, {"a": 3})  # last prompt query favours page 3
+    assert engine.runtime.requests["a"].held is not None
+    for layer in range(LAYERS):  # page 3 moved into a block that stays owned
+        after = LAYOUT.evicted_pages(prompt, prefilling=False)
+        state = engine.runtime.requests["a"]
+        kept = [h for h, pos in zip(state.held[layer].tolist(), state.positions) if pos not in after]
+        assert 3 in kept
+    recalled_before = engine.runtime.stats.recalled
+    for favour in (3, 5, 7, 5, 9, 2):
+        plan, _ = engine.step({"a": 1}, {"a": prompt}, {"a": favour})
+        assert plan.selections
+        engine.check_invariants("a")
+        state = engine.runtime.requests["a"]
+        for layer in range(LAYERS):
+            assert favour in state.held[layer].tolist()
+        assert len(state.positions) <= LAYOUT.max_resident_pages
+    assert engine.runtime.stats.recalled > recalled_before
+    engine.runtime.release("a")
+    assert engine.store.used_pages == 0 and not engine.runtime.requests
+
+
+def test_decode_across_page_boundaries_keeps_the_window_and_sinks():
+    engine = FakeEngine()
+    prompt = 9 * BS
+    engine.step({"a": prompt}, {"a": prompt}, {"a": 4})
+    for step in range(3 * BS + 1):
+        engine.step({"a": 1}, {"a": prompt}, {"a": 2 + step % 5})
+        engine.check_invariants("a")
+        state = engine.runtime.requests["a"]
+        num_full = engine.computed["a"] // BS
+        window_page = num_full - 1 if engine.computed["a"] % BS == 0 else num_full
+        for layer in range(LAYERS):
+            assert window_page in state.held[layer].tolist()
+    assert engine.store.used_pages == engine.computed["a"] // BS
+
+
+def test_sparse_attention_tables_list_exactly_the_selected_pages():
+    engine = FakeEngine(sparse=True)
+    prompt = 10 * BS + 1
+    engine.step({"a": prompt}, {"a": prompt}, {"a": 6})
+    plan, tables = engine.step({"a": 1}, {"a": prompt}, {"a": 6})
+    seq_len = prompt + 1
+    selected = LAYOUT.selected_pages(seq_len // BS, True)
+    assert plan.sparse_seq_lens == {0: selected * BS + seq_len % BS}
+    for layer in range(LAYERS):
+        blocks = tables[layer][0].tolist()
+        assert len(blocks) == selected + 1
+        assert blocks[-1] == engine.tables["a"][seq_len // BS]  # the page being filled last
+        pages = [int(engine.kv[layer][b, 0].view(2, BS, HEAD_DIM)[1, 0, 0]) - 100 * layer
+                 for b in blocks]
+        assert 6 in pages and 0 in pages and len(set(pages)) == len(pages)
+
+
+def test_batch_of_requests_joining_and_leaving():
+    engine = FakeEngine()
+    prompts = {"a": 10 * BS + 3, "b": 7 * BS, "c": 3 * BS + 1}
+    engine.step({"a": prompts["a"], "b": prompts["b"]}, prompts, {"a": 2, "b": 4})
+    engine.step({"a": 1, "b": 1, "c": prompts["c"]}, prompts, {"a": 5, "b": 1})
+    for _ in range(6):
+        engine.step({"a": 1, "b": 1, "c": 1}, prompts, {"a": 5, "b": 3, "c": 1})
+        for req in prompts:
+            engine.check_invariants(req)
+    engine.runtime.release("b")
+    engine.step({"a": 1, "c": 1}, prompts, {"a": 7})
+    engine.check_invariants("a")
+    assert set(engine.runtime.requests) == {"a", "c"}
+    # A request recomputed from scratch (preempted, then resumed) starts over.
+    engine.computed["a"] = 0
+    engine.tables["a"] = []
+    engine.step({"a": prompts["a"]}, prompts, {"a": 2})
+    engine.step({"a": 1}, prompts, {"a": 2})
+    engine.check_invariants("a")
+    for req in ("a", "c"):
+        engine.runtime.release(req)
+    assert engine.store.used_pages == 0
+
+
+def test_host_store_refuses_beyond_capacity():
+    store = HostPageStore(3, LAYERS)
+    ids = store.allocate(2)
+    with pytest.raises(HostStoreFull):
+        store.allocate(2)
+    store.release(ids)
+    assert sorted(store.allocate(3)) == [0, 1, 2]
+
+
+def test_selection_probe_compares_digest_and_exact_top_k():
+    from vllm_kvevict.pages import SelectionProbe
+
+    keys = torch.zeros(6, 2, 1, 2)
+    keys[3, :, 0] = torch.tensor([5.0, 0.0])  # page 3 takes nearly all attention
+    keys[4, :, 0] = torch.tensor([1.0, 0.0])
+    query = torch.tensor([[4.0, 0.0]])
+    probe = SelectionProbe()
+    probe.record(query, keys, torch.tensor([9.0, 0, 1, 5, 2, 9]), 1, 1, top_k=2)  # digest: 3, 4
+    probe.record(query, keys, torch.tensor([9.0, 3, 4, 0, 2, 9]), 1, 1, top_k=2)  # digest: 2, 1
+    assert probe.selections == 2 and probe.top1_hits == 1
+    assert probe.top_k_overlap == pytest.approx(1.0)  # 2/2 then 0/2

@@ -1,0 +1,77 @@
+"""``python -m vllm_kvevict.bench SUBCOMMAND [--quick] [--out DIR]``; see ``--help``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# name -> (full settings, --quick settings)
+SETTINGS = {
+    "passkey": ({"lengths": [1000, 2000, 4000, 7000], "budgets": [256, 512, 1024, 2048],
+                 "policies": ["none", "streamingllm", "arkvale"], "trials": 20},
+                {"lengths": [1000, 2000], "budgets": [256], "policies":
+                 ["none", "streamingllm", "arkvale"], "trials": 2}),
+    "perplexity": ({"num_tokens": 7000, "prefix": 256, "budgets": [512, 1024],
+                    "policies": ["none", "streamingllm", "arkvale"]},
+                   {"num_tokens": 800, "prefix": 256, "budgets": [256],
+                    "policies": ["none", "streamingllm", "arkvale"]}),
+    "latency": ({"prompt_tokens": 7000, "new_tokens": 256, "budgets": [512, 1024, 2048]},
+                {"prompt_tokens": 1500, "new_tokens": 16, "budgets": [256]}),
+    "recall": ({"prompt_tokens": 4000, "new_tokens": 16, "budgets": [256, 512, 1024],
+                "trials": 10},
+               {"prompt_tokens": 1500, "new_tokens": 8, "budgets": [256], "trials": 2}),
+    "throughput": ({"num_requests": 16, "prompt_tokens": 4000, "max_tokens": 128, "budget": 512,
+                    "num_blocks": 600, "policies": ["none", "streamingllm", "arkvale"]},
+                   {"num_requests": 4, "prompt_tokens": 1200, "max_tokens": 16, "budget": 256,
+                    "num_blocks": 100, "policies": ["none", "streamingllm", "arkvale"]}),
+}
+
+
+def _runner(name: str):
+    from vllm_kvevict.bench import latency, passkey, perplexity, recall, throughput
+
+    return {"passkey": passkey.run, "perplexity": perplexity.run, "latency": latency.run,
+            "recall": recall.run, "throughput": throughput.run}[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vllm_kvevict.bench", description=__doc__)
+    parser.add_argument("command", choices=[*SETTINGS, "all"])
+    parser.add_argument("--quick", action="store_true", help="reduced settings (smoke test)")
+    parser.add_argument("--out", default="docs/bench", help="directory for JSON/markdown/PNG")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set trials=10 --set budgets=256,512")
+    args = parser.parse_args(argv)
+    from vllm_kvevict.bench.common import bundled_model
+
+    model = bundled_model()
+    names = list(SETTINGS) if args.command == "all" else [args.command]
+    for name in names:
+        settings = dict(SETTINGS[name][1 if args.quick else 0])
+        for item in args.set:
+            key, _, value = item.partition("=")
+            if key in settings:
+                settings[key] = _parse(value, settings[key])
+            elif args.command != "all":
+                parser.error(f"{name} has no setting {key!r}; it has: {', '.join(settings)}")
+        start = time.perf_counter()
+        print(f"[bench] {name}: {settings}", file=sys.stderr, flush=True)
+        _runner(name)(model, args.out, **settings)
+        print(f"[bench] {name} done in {time.perf_counter() - start:.0f} s -> {args.out}/{name}.md",
+              file=sys.stderr, flush=True)
+    return 0
+
+
+def _parse(value: str, like):
+    if isinstance(like, list):
+        kind = type(like[0]) if like else str
+        return [kind(v) for v in value.split(",") if v]
+    return type(like)(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Shared benchmark plumbing: engines, machine description, result files."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+BLOCK_SIZE = 32
+
+
+def environment(model_path: str) -> dict[str, Any]:
+    """Machine, software and model, stated in every result file."""
+    import torch
+    import vllm
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{cpu}, {os.cpu_count()} cores",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(), "torch": torch.__version__,
+        "vllm": vllm.__version__, "model": Path(model_path).name,
+        "kv_cache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
+    }
+
+
+def bundled_model() -> str:
+    from vllm_kvevict.model import prepare_bundled_model
+
+    return str(prepare_bundled_model())
+
+
+def offline_llm(model_path: str, policy: str, budget: int | None = None, **kwargs):
+    """An in-process engine (the benchmarks read the scheduler and the page runtime)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM
+
+    import vllm_kvevict
+
+    vllm_kvevict.register()
+    settings = {"kv_eviction_policy": policy}
+    if policy != "none":
+        settings["kv_budget"] = budget
+    kwargs.setdefault("max_model_len", 8192)
+    kwargs.setdefault("block_size", BLOCK_SIZE)
+    return LLM(model_path, enforce_eager=True, seed=0, **settings, **kwargs)
+
+
+def close_llm(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def label(policy: str, budget: int | None) -> str:
+    return policy if policy == "none" else f"{policy}@{budget}"
+
+
+def write_results(out_dir: str | Path, name: str, payload: dict[str, Any], table: str) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    env = payload.get("environment", {})
+    header = (f"# {name}\n\n{env.get('model')} on {env.get('machine')} ({env.get('device')}), "
+              f"vLLM {env.get('vllm')}, torch {env.get('torch')}, {env.get('date')}.\n\n"
+              f"Settings: `{json.dumps(payload.get('settings', {}))}`\n\n")
+    (out / f"{name}.md").write_text(header + table + "\n")
+    return out / f"{name}.md"
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        return float("nan")
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2

@@ -1,0 +1,88 @@
+"""Passkey retrieval accuracy per policy, budget, prompt length and needle depth."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from tqdm import tqdm
+
+from vllm_kvevict.bench.common import (close_llm, environment, label, markdown_table,
+                                       offline_llm, write_results)
+
+
+def run(model_path: str, out_dir: str, lengths: list[int], budgets: list[int],
+        policies: list[str], trials: int, seed: int = 0) -> dict:
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from vllm_kvevict.eval.passkey import found, make_trials
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    depths = [i / max(1, trials - 1) for i in range(trials)]
+    trial_sets = {n: make_trials(tokenizer, n, trials, seed=seed, depths=depths) for n in lengths}
+    configs = [(p, None) if p == "none" else (p, b) for p in policies
+               for b in ([None] if p == "none" else budgets)]
+    cells = []
+    for policy, budget in tqdm(configs, desc="passkey engines"):
+        llm = offline_llm(model_path, policy, budget)
+        try:
+            for n in tqdm(lengths, desc=label(policy, budget), leave=False):
+                batch = trial_sets[n]
+                outputs = llm.generate([t.prompt for t in batch],
+                                       SamplingParams(temperature=0, max_tokens=8),
+                                       use_tqdm=False)
+                hits = [found(t, o.outputs[0].text) for t, o in zip(batch, outputs)]
+                cells.append({"policy": policy, "budget": budget, "length": n,
+                              "tokens": [t.num_tokens for t in batch], "depths": depths,
+                              "found": hits, "accuracy": sum(hits) / len(hits)})
+        finally:
+            close_llm(llm)
+    payload = {"environment": environment(model_path),
+               "settings": {"lengths": lengths, "budgets": budgets, "policies": policies,
+                            "trials": trials, "seed": seed, "max_tokens": 8, "greedy": True},
+               "cells": cells}
+    write_results(out_dir, "passkey", payload, _table(cells, lengths))
+    _plot(cells, lengths, budgets, policies, out_dir)
+    return payload
+
+
+def _table(cells, lengths) -> str:
+    by_config = defaultdict(dict)
+    for c in cells:
+        by_config[label(c["policy"], c["budget"])][c["length"]] = c
+    rows = [[name] + [f"{100 * by_config[name][n]['accuracy']:.0f}%" for n in lengths]
+            for name in by_config]
+    return ("Passkey accuracy (5-digit key, greedy, exact match), needle depths spread over "
+            "0..1.\n\n" + markdown_table(["policy@budget"] + [f"~{n} tokens" for n in lengths],
+                                          rows))
+
+
+def _plot(cells, lengths, budgets, policies, out_dir) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    evicting = [p for p in policies if p != "none"]
+    fig, axes = plt.subplots(1, len(evicting) + 1, figsize=(4 * (len(evicting) + 1), 3.5),
+                             squeeze=False)
+    for ax, policy in zip(axes[0], ["none"] + evicting):
+        rows = [None] if policy == "none" else budgets
+        grid = np.full((len(rows), len(lengths)), np.nan)
+        for c in cells:
+            if c["policy"] == policy:
+                grid[rows.index(c["budget"]), lengths.index(c["length"])] = c["accuracy"]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_yticks(range(len(rows)), ["full" if r is None else str(r) for r in rows])
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("budget (tokens)")
+        ax.set_title(policy)
+        for (i, j), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center",
+                        color="white" if value < 0.6 else "black")
+    fig.suptitle("passkey accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(f"{out_dir}/passkey.png", dpi=110)
+    plt.close(fig)

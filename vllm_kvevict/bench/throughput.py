@@ -1,0 +1,162 @@
+"""Batch throughput at equal KV memory through a real ``vllm serve`` and the OpenAI client.
+
+Every policy gets the same KV pool (``--num-gpu-blocks-override`` blocks of 32 tokens, so the
+comparison does not depend on how the platform sizes the cache) and the same load: N concurrent
+completions with long prompts and ``max_tokens`` generated tokens each. Reported: the most
+requests running at once (polled from the server's Prometheus ``/metrics``), output tokens/s and
+total time, each as a ratio to ``none`` from the same run.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from vllm_kvevict.bench.common import (BLOCK_SIZE, environment, label, markdown_table,
+                                       write_results)
+
+RUNNING = re.compile(r'^vllm:num_requests_running\{[^}]*\}\s+([0-9.e+]+)', re.M)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve(model_path: str, policy: str, budget: int | None, num_blocks: int,
+           max_model_len: int, log_path: Path):
+    import requests
+
+    port = _free_port()
+    args = [str(Path(sys.executable).with_name("vllm")), "serve", model_path, "--host",
+            "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len), "--enforce-eager",
+            "--served-model-name", "m", "--block-size", str(BLOCK_SIZE),
+            "--num-gpu-blocks-override", str(num_blocks), "--kv-eviction-policy", policy]
+    if policy != "none":
+        args += ["--kv-budget", str(budget)]
+    log = open(log_path, "w")
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"vllm serve exited: {log_path.read_text()[-2000:]}")
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                return process, base
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"vllm serve did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(1)
+
+
+def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
+    import requests
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=3600)
+    most_running, stop = 0, threading.Event()
+
+    def poll():
+        nonlocal most_running
+        while not stop.is_set():
+            try:
+                match = RUNNING.search(requests.get(f"{base}/metrics", timeout=5).text)
+                if match:
+                    most_running = max(most_running, int(float(match.group(1))))
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+
+    def one(prompt: str) -> int:
+        reply = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens,
+                                          temperature=0, extra_body={"ignore_eos": True})
+        return reply.usage.completion_tokens
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        produced = sum(pool.map(one, prompts))
+    elapsed = time.perf_counter() - start
+    stop.set()
+    poller.join()
+    return {"total_s": elapsed, "output_tokens": produced, "output_tok_s": produced / elapsed,
+            "most_running": most_running}
+
+
+def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, max_tokens: int,
+        budget: int, num_blocks: int, policies: list[str]) -> dict:
+    from transformers import AutoTokenizer
+
+    from vllm_kvevict.eval.passkey import make_trial
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = [make_trial(tokenizer, prompt_tokens, (i + 0.5) / num_requests,
+                          str(10000 + 7919 * i)).prompt for i in range(num_requests)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for policy in policies:
+        b = None if policy == "none" else budget
+        # The same context limit for all: one request's prompt and output (with a margin).
+        max_model_len = prompt_tokens + max_tokens + 256
+        process, base = _serve(model_path, policy, b, num_blocks, max_model_len,
+                               out / "throughput-server.log")
+        try:
+            _load(base, prompts[:1], 4)  # warm-up
+            result = _load(base, prompts, max_tokens)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+        rows.append({"policy": policy, "budget": b, **result})
+    (out / "throughput-server.log").unlink(missing_ok=True)
+    base_row = next(r for r in rows if r["policy"] == "none")
+    for r in rows:
+        r["concurrency_ratio"] = r["most_running"] / max(1, base_row["most_running"])
+        r["tok_s_ratio"] = r["output_tok_s"] / base_row["output_tok_s"]
+        r["time_ratio"] = r["total_s"] / base_row["total_s"]
+    payload = {"environment": environment(model_path),
+               "settings": {"num_requests": num_requests, "prompt_tokens": prompt_tokens,
+                            "max_tokens": max_tokens, "budget": budget, "kv_blocks": num_blocks,
+                            "block_size": BLOCK_SIZE, "policies": policies},
+               "results": rows}
+    table = markdown_table(
+        ["policy@budget", "most running", "output tok/s", "total s", "concurrency vs none",
+         "tok/s vs none", "time vs none"],
+        [[label(r["policy"], r["budget"]), r["most_running"], f"{r['output_tok_s']:.1f}",
+          f"{r['total_s']:.1f}", f"{r['concurrency_ratio']:.2f}x", f"{r['tok_s_ratio']:.2f}x",
+          f"{r['time_ratio']:.2f}x"] for r in rows])
+    write_results(out_dir, "throughput", payload,
+                  f"{num_requests} concurrent completions, ~{prompt_tokens}-token prompts, "
+                  f"{max_tokens} tokens each, KV pool of {num_blocks} blocks of {BLOCK_SIZE} "
+                  f"tokens for every policy; `vllm serve` + OpenAI client.\n\n" + table)
+    _plot(rows, out_dir)
+    return payload
+
+
+def _plot(rows, out_dir) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [label(r["policy"], r["budget"]) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    axes[0].bar(names, [r["most_running"] for r in rows], color="tab:green")
+    axes[0].set_title("most requests running at once")
+    axes[1].bar(names, [r["output_tok_s"] for r in rows], color="tab:purple")
+    axes[1].set_title("output tokens / s")
+    fig.tight_layout()
+    fig.savefig(f"{out_dir}/throughput.png", dpi=110)
+    plt.close(fig)
