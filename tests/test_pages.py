@@ -19,7 +19,7 @@ LAYOUT = PageLayout(block_size=BS, budget_pages=6, sink_pages=1, window_pages=1,
 class FakeEngine:
     """One worker's KV cache, a scheduler's block table and the page runtime."""
 
-    def __init__(self, sparse=False, host_pages=64):
+    def __init__(self, sparse=False, host_pages=64, policy="arkvale", layout=LAYOUT):
         self.kv = [torch.zeros(NUM_BLOCKS, KV_HEADS, BS, 2 * HEAD_DIM) for _ in range(LAYERS)]
         self.free = list(range(1, NUM_BLOCKS))
         self.tables: dict[str, list[int]] = {}
@@ -27,7 +27,8 @@ class FakeEngine:
         self.fmt = CPUBlockFormat()
         self.store = HostPageStore(host_pages, LAYERS)
         self.store.bind(self.kv[0], self.fmt, KV_HEADS, HEAD_DIM)
-        self.runtime = PageRuntime(LAYOUT, get_policy("arkvale"), "cuboid-mean", sparse,
+        self.layout = layout
+        self.runtime = PageRuntime(layout, get_policy(policy), "cuboid-mean", sparse,
                                    self.store, self.fmt, LAYERS)
         self.page_keys = torch.randn(200, HEAD_DIM)  # keys of page p: around page_keys[p]
 
@@ -39,7 +40,7 @@ class FakeEngine:
             num_computed = self.computed.setdefault(req, 0)
             table = self.tables.setdefault(req, [])
             prefilling = num_computed < prompts[req]
-            for p in LAYOUT.evicted_pages(num_computed, prefilling):  # scheduler frees
+            for p in self.layout.evicted_pages(num_computed, prefilling):  # scheduler frees
                 if table[p] is not None:
                     self.free.append(table[p])
                     table[p] = None
@@ -216,3 +217,24 @@ def test_selection_probe_compares_digest_and_exact_top_k():
     probe.record(query, keys, torch.tensor([9.0, 3, 4, 0, 2, 9]), 1, 1, top_k=2)  # digest: 2, 1
     assert probe.selections == 2 and probe.top1_hits == 1
     assert probe.top_k_overlap == pytest.approx(1.0)  # 2/2 then 0/2
+
+
+def test_quest_keeps_every_page_and_attends_over_the_selection():
+    layout = PageLayout(block_size=BS, budget_pages=100, sink_pages=1, window_pages=1,
+                        top_k_pages=2)
+    engine = FakeEngine(policy="quest", layout=layout, host_pages=0)
+    prompt = 10 * BS + 1
+    engine.step({"a": prompt}, {"a": prompt}, {"a": 6})
+    plan, tables = engine.step({"a": 1}, {"a": prompt}, {"a": 6})
+    seq_len = prompt + 1
+    selected = layout.selected_pages(seq_len // BS, True)  # 1 sink + 0 full window + 2
+    assert plan.sparse_seq_lens == {0: selected * BS + seq_len % BS}
+    state = engine.runtime.requests["a"]
+    assert state.positions == list(range(11))  # nothing freed, nothing moved
+    for layer in range(LAYERS):
+        assert state.held[layer].tolist() == list(range(11))
+        pages = [int(engine.kv[layer][b, 0].view(2, BS, HEAD_DIM)[1, 0, 0]) - 100 * layer
+                 for b in tables[layer][0].tolist()]
+        assert pages[-1] == 10 and 0 in pages and 6 in pages and len(pages) == selected + 1
+    assert engine.runtime.stats.recalled == 0 and engine.store.used_pages == 0
+    engine.runtime.release("a")

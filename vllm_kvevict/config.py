@@ -8,7 +8,10 @@ the offline ``vllm.LLM(...)`` keyword arguments all end up there. Every process 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from vllm_kvevict.paging import PageLayout
 
 ADDITIONAL_CONFIG_KEY = "kv_eviction"
 

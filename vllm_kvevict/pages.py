@@ -116,6 +116,7 @@ class PageStats:
     backed_up: int = 0
     evicted: int = 0
     recalled: int = 0
+    selections: int = 0  # (request, step) pairs that selected pages
 
 
 @dataclasses.dataclass
@@ -167,18 +168,27 @@ class HostPageStore:
         self.page_bytes = 0
         self._free = list(range(num_pages - 1, -1, -1))
 
+    @property
+    def bound(self) -> bool:
+        return bool(self.digests)
+
     def bind(self, kv_cache: torch.Tensor, block_format: "BlockFormat", num_kv_heads: int,
              head_dim: int) -> None:
-        """Allocate the host pages and digests (idempotent)."""
-        if self.pages:
+        """Allocate the host pages and digests (idempotent).
+
+        A store of 0 pages keeps no copies: its digests are indexed by KV-cache block instead
+        (policies that keep every page resident).
+        """
+        if self.bound:
             return
         device = kv_cache.device
         shape = block_format.page_shape(kv_cache)
         pin = device.type == "cuda"
         # torch.empty leaves host memory uncommitted until a page is first written.
         self.pages = [torch.empty((self.num_pages, *shape), dtype=kv_cache.dtype, pin_memory=pin)
-                      for _ in range(self.num_layers)]
-        self.digests = [torch.empty((self.num_pages, 2, num_kv_heads, head_dim),
+                      for _ in range(self.num_layers)] if self.num_pages else []
+        slots = self.num_pages or kv_cache.shape[block_format.block_dim]
+        self.digests = [torch.empty((slots, 2, num_kv_heads, head_dim),
                                     dtype=torch.float32, device=device)
                         for _ in range(self.num_layers)]
         page_numel = 1
@@ -300,6 +310,11 @@ class PageRuntime:
         self.store = store
         self.format = block_format
         self.num_layers = num_layers
+        # Non-recalling policies (quest) keep every page resident: no host copies, digests by
+        # block id, attention restricted to the selection.
+        self.recalls = policy.recalls
+        if not self.recalls:
+            self.sparse_attention = True
         self.requests: dict[str, RequestPages] = {}
         self.stats = PageStats()
         self.probe: SelectionProbe | None = None  # set by benchmarks
@@ -309,7 +324,7 @@ class PageRuntime:
     def release(self, req_id: str) -> None:
         """Forget a finished, aborted or preempted request and free its host pages."""
         state = self.requests.pop(req_id, None)
-        if state is not None:
+        if state is not None and self.recalls:
             self.store.release(state.host_ids)
 
     def _state_for(self, row: RowInput) -> RequestPages:
@@ -344,7 +359,10 @@ class PageRuntime:
             num_full = seq_len // bs
             new_pages = range(len(state.host_ids), num_full)
             if len(new_pages):
-                hosts = self.store.allocate(len(new_pages))
+                if self.recalls:
+                    hosts = self.store.allocate(len(new_pages))
+                else:
+                    hosts = [int(row.block_row[p]) for p in new_pages]
                 state.host_ids.extend(hosts)
                 backup_hosts.extend(hosts)
                 backup_blocks.extend(int(row.block_row[p]) for p in new_pages)
@@ -352,9 +370,12 @@ class PageRuntime:
 
             partial = seq_len % bs != 0
             last_token = row.first_token + row.num_new - 1
-            if not prefilling and len(evicted):
+            restricts = (not self.recalls
+                         and num_full > layout.selected_pages(num_full, partial))
+            if not prefilling and (len(evicted) or restricts):
                 sel = self._selection(i, last_token, state, num_full, partial, device)
                 selections.append(sel)
+                self.stats.selections += 1
                 if self.sparse_attention:
                     num_selected = layout.selected_pages(num_full, partial)
                     sparse[i] = num_selected * bs + seq_len % bs
@@ -432,6 +453,8 @@ class PageRuntime:
         pages = self.format.read(kv_cache, blocks)
         hi, lo = page_digests(self.format.keys(pages), self.digest)
         self.store.digests[layer][hosts] = torch.stack([hi, lo], dim=1)
+        if not self.store.pages:
+            return
         host_pages = self.store.pages[layer]
         if host_pages.device == pages.device:
             host_pages[hosts] = pages

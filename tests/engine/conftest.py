@@ -53,3 +53,19 @@ def llm_factory(model_path):
     yield build
     for llm in built:
         close_llm(llm)
+
+
+def start_llm_in_subprocess(model_path: str, llm_kwargs: str):
+    """Build ``LLM(model_path, <llm_kwargs>)`` with the plugin in a fresh process (start-up
+    refusals end that process); returns the finished ``subprocess.CompletedProcess``."""
+    import subprocess
+    import sys
+
+    script = ("import vllm_kvevict\n"
+              "from vllm import LLM\n"
+              "if __name__ == '__main__':\n"
+              "    vllm_kvevict.register()\n"
+              f"    LLM({model_path!r}, enforce_eager=True, {llm_kwargs})\n")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)

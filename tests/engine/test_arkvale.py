@@ -2,7 +2,7 @@
 import pytest
 
 from tests.conftest import report
-from tests.engine.conftest import block_manager, scheduler
+from tests.engine.conftest import block_manager, scheduler, start_llm_in_subprocess
 
 pytestmark = pytest.mark.engine
 
@@ -147,19 +147,8 @@ def test_full_host_store_makes_requests_wait_not_fail(llm_factory, arkvale_llm):
 
 
 def test_host_store_smaller_than_one_request_is_refused_at_startup(model_path):
-    import os
-    import subprocess
-    import sys
-
-    script = (
-        "import vllm_kvevict\n"
-        "from vllm import LLM\n"
-        "if __name__ == '__main__':\n"
-        "    vllm_kvevict.register()\n"
-        f"    LLM({model_path!r}, kv_eviction_policy='arkvale', kv_budget=512,\n"
-        "        kv_host_space=0.05, enforce_eager=True, max_model_len=8192)\n")
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env=env, timeout=300)
+    result = start_llm_in_subprocess(
+        model_path, "kv_eviction_policy='arkvale', kv_budget=512, kv_host_space=0.05, "
+        "max_model_len=8192")
     assert result.returncode != 0
     assert "fewer than one --max-model-len 8192 request; raise --kv-host-space" in result.stderr

@@ -79,7 +79,7 @@ def test_flag_group_offers_implemented_policies_only(serve_parser):
                                "--kv-host-space", "--kv-sink-tokens", "--kv-sparse-attention",
                                "--kv-top-k-tokens", "--kv-window-tokens"]
     assert actions["--kv-eviction-policy"].choices == sorted(POLICY_REGISTRY)
-    assert sorted(POLICY_REGISTRY) == ["arkvale", "none", "streamingllm"]
+    assert sorted(POLICY_REGISTRY) == ["arkvale", "none", "quest", "streamingllm"]
     assert all(actions[f].type is int for f in ("--kv-budget", "--kv-sink-tokens",
                                                 "--kv-window-tokens", "--kv-top-k-tokens"))
     assert actions["--kv-host-space"].type is float

@@ -1,7 +1,7 @@
 """StreamingLLM on the real engine: the budget holds, eviction is real, capacity grows."""
 import pytest
 
-from tests.engine.conftest import block_manager, scheduler
+from tests.engine.conftest import block_manager, scheduler, start_llm_in_subprocess
 
 pytestmark = pytest.mark.engine
 
@@ -105,20 +105,8 @@ def test_startup_capacity_reflects_budget(none_llm, streaming_512):
 
 def test_prompt_that_cannot_fit_the_pool_is_refused_at_startup(model_path):
     """Prompts are prefilled in full: a max_model_len beyond the pool must not start (and hang)."""
-    import os
-    import subprocess
-    import sys
-
-    script = (
-        "import vllm_kvevict\n"
-        "from vllm import LLM\n"
-        "if __name__ == '__main__':\n"
-        "    vllm_kvevict.register()\n"
-        f"    LLM({model_path!r}, kv_eviction_policy='streamingllm', kv_budget=256,\n"
-        "        enforce_eager=True, max_model_len=65536,\n"
-        "        hf_overrides={'max_position_embeddings': 65536})\n")
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env=env, timeout=300)
+    result = start_llm_in_subprocess(
+        model_path, "kv_eviction_policy='streamingllm', kv_budget=256, max_model_len=65536, "
+        "hf_overrides={'max_position_embeddings': 65536}")
     assert result.returncode != 0
     assert "prompts are prefilled in full and --max-model-len is 65536" in result.stderr

@@ -12,11 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # name -> (full settings, --quick settings)
 SETTINGS = {
     "passkey": ({"lengths": [1000, 2000, 4000, 7000], "budgets": [256, 512, 1024, 2048],
-                 "policies": ["none", "streamingllm", "arkvale"], "trials": 20},
+                 "policies": ["none", "streamingllm", "arkvale", "quest"], "trials": 20},
                 {"lengths": [1000, 2000], "budgets": [256], "policies":
                  ["none", "streamingllm", "arkvale"], "trials": 2}),
     "perplexity": ({"num_tokens": 7000, "prefix": 256, "budgets": [512, 1024],
-                    "policies": ["none", "streamingllm", "arkvale"]},
+                    "policies": ["none", "streamingllm", "arkvale", "quest"]},
                    {"num_tokens": 800, "prefix": 256, "budgets": [256],
                     "policies": ["none", "streamingllm", "arkvale"]}),
     "latency": ({"prompt_tokens": 7000, "new_tokens": 256, "budgets": [512, 1024, 2048]},
@@ -25,7 +25,7 @@ SETTINGS = {
                 "trials": 10},
                {"prompt_tokens": 1500, "new_tokens": 8, "budgets": [256], "trials": 2}),
     "throughput": ({"num_requests": 16, "prompt_tokens": 4000, "max_tokens": 128, "budget": 512,
-                    "num_blocks": 600, "policies": ["none", "streamingllm", "arkvale"]},
+                    "num_blocks": 600, "policies": ["none", "streamingllm", "arkvale", "quest"]},
                    {"num_requests": 4, "prompt_tokens": 1200, "max_tokens": 16, "budget": 256,
                     "num_blocks": 100, "policies": ["none", "streamingllm", "arkvale"]}),
 }

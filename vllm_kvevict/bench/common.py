@@ -90,3 +90,21 @@ def median(values: list[float]) -> float:
     if not n:
         return float("nan")
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def bar_plot(names: list[str], values: list[float], ylabel: str, title: str, path: str,
+             color: str = "tab:blue") -> None:
+    """One bar per configuration, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, values, color=color)
+    ax.set_ylabel(ylabel)
+    ax.tick_params(axis="x", rotation=30)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -6,8 +6,8 @@ import time
 
 from tqdm import tqdm
 
-from vllm_kvevict.bench.common import (close_llm, environment, label, markdown_table, median,
-                                       offline_llm, write_results)
+from vllm_kvevict.bench.common import (bar_plot, close_llm, environment, label, markdown_table,
+                                       median, offline_llm, write_results)
 
 
 def _decode_step_times(llm, prompt: str, new_tokens: int, repeats: int) -> list[float]:
@@ -72,18 +72,7 @@ def run(model_path: str, out_dir: str, prompt_tokens: int, new_tokens: int, budg
     return payload
 
 
+
 def _plot(rows, out_dir) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = [label(r["policy"], r["budget"]) for r in rows]
-    ax.bar(names, [r["median_ms"] for r in rows], color="tab:orange")
-    ax.set_ylabel("median ms per decode step")
-    ax.tick_params(axis="x", rotation=30)
-    ax.set_title("decode latency")
-    fig.tight_layout()
-    fig.savefig(f"{out_dir}/latency.png", dpi=110)
-    plt.close(fig)
+    bar_plot([label(r["policy"], r["budget"]) for r in rows], [r["median_ms"] for r in rows],
+             "median ms per decode step", "decode latency", f"{out_dir}/latency.png", "tab:orange")

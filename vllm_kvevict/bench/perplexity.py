@@ -11,8 +11,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_kvevict.bench.common import (close_llm, environment, label, markdown_table,
-                                       offline_llm, write_results)
+from vllm_kvevict.bench.common import (bar_plot, close_llm, environment, label,
+                                       markdown_table, offline_llm, write_results)
 
 TEXT_CANDIDATES = ["/usr/share/common-licenses/GPL-3", "/usr/share/common-licenses/GFDL-1.3",
                    "/usr/share/common-licenses/Apache-2.0"]
@@ -83,18 +83,7 @@ def run(model_path: str, out_dir: str, num_tokens: int, prefix: int, budgets: li
     return payload
 
 
+
 def _plot(rows, out_dir) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = [label(r["policy"], r["budget"]) for r in rows]
-    ax.bar(names, [r["perplexity"] for r in rows], color="tab:blue")
-    ax.set_ylabel("perplexity")
-    ax.tick_params(axis="x", rotation=30)
-    ax.set_title("teacher-forced perplexity")
-    fig.tight_layout()
-    fig.savefig(f"{out_dir}/perplexity.png", dpi=110)
-    plt.close(fig)
+    bar_plot([label(r["policy"], r["budget"]) for r in rows], [r["perplexity"] for r in rows],
+             "perplexity", "teacher-forced perplexity", f"{out_dir}/perplexity.png", "tab:blue")

@@ -25,7 +25,7 @@ from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.engine import page_runtime
 from vllm_kvevict.engine.kv_spec import EvictingAttentionSpec
 from vllm_kvevict.pages import CPUBlockFormat
-from vllm_kvevict.paging import PageLayout
+from vllm_kvevict.paging import PageLayout, cdiv
 from vllm_kvevict.policies import get_policy
 
 
@@ -99,11 +99,25 @@ def customize_for_eviction(spec):
     if (not config.evicts or type(spec) is not FullAttentionSpec
             or spec.sliding_window is not None or spec.attention_chunk_size is not None):
         return spec
+    policy = get_policy(config.policy)
+    layout = config.layout(spec.block_size)
     host_pages = 0
-    if get_policy(config.policy).selects:
+    if policy.selects and policy.recalls:
         host_pages = page_runtime.host_pages_for(config, spec.page_size_bytes, _worker_num_layers)
-    return EvictingAttentionSpec.from_full_attention(spec, config.layout(spec.block_size),
-                                                     _worker_max_model_len, host_pages)
+    elif policy.selects:
+        layout = resident_layout(layout, config, _worker_max_model_len)
+    return EvictingAttentionSpec.from_full_attention(spec, layout, _worker_max_model_len,
+                                                     host_pages)
+
+
+def resident_layout(layout: PageLayout, config: EvictionConfig, max_model_len: int) -> PageLayout:
+    """For policies that keep every page resident (quest): nothing is ever freed, and the budget
+    is what attention reads per step (sinks + window + top-k, top-k filling the budget unless
+    ``--kv-top-k-tokens`` is given)."""
+    top_k = layout.top_k_pages if config.top_k_tokens is not None else (
+        layout.budget_pages - layout.sink_pages - layout.window_pages)
+    all_pages = max(cdiv(max_model_len, layout.block_size), layout.budget_pages)
+    return dataclasses.replace(layout, budget_pages=all_pages, top_k_pages=top_k)
 
 
 class EvictingBuilderMixin:
@@ -155,7 +169,7 @@ def forward_with_pages(impl, forward, layer, query, key, value, kv_cache, attn_m
     if plan is None:
         return forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
     runtime = attn_metadata.kvevict_runtime
-    if not runtime.store.pages:
+    if not runtime.store.bound:
         if isinstance(runtime.format, CPUBlockFormat):
             runtime.format = CPUBlockFormat(cpu_key_index(layer.isa, kv_cache.shape[2],
                                                           impl.head_size, kv_cache.dtype))

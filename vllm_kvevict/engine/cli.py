@@ -14,8 +14,9 @@ Hook points (all installed by :func:`install`, idempotent):
 * ``EngineArgs.__init__`` / ``AsyncEngineArgs.__init__``: accept ``kv_*`` keywords, which is how
   ``vllm.LLM(model, kv_eviction_policy=...)`` reaches us (``LLM`` passes ``**kwargs`` through).
 * ``EngineArgs.create_model_config``: refuses unsupported models as soon as the HF config is read.
-* ``EngineArgs.create_engine_config``: under an evicting policy, block size 32 unless set, prefix
-  caching off, and the budget checked against the final block size. Policy ``none``: stock
+* ``EngineArgs.create_engine_config``: under an evicting policy, block size 32 and no async
+  scheduling unless set, prefix caching off, and the budget checked against the final block
+  size. Policy ``none``: stock
   vLLM's config, bit for bit (the kv_eviction entry is dropped, so even the config hash matches).
 * ``ServeSubcommand.cmd`` (``vllm serve`` only): prints :class:`EvictionConfigError` as one line.
 
@@ -146,8 +147,9 @@ def _add_cli_args(original, parser, *args, **kwargs):
     group.add_argument("--kv-eviction-policy", choices=sorted(POLICY_REGISTRY), default=None,
                        help="Eviction policy; unset means 'none' (stock vLLM).")
     group.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
-                       help="KV tokens a request keeps once its prompt is processed, rounded "
-                            f"down to whole blocks; {DEFAULT_BUDGET_TOKENS} when unset.")
+                       help="KV tokens a request keeps once its prompt is processed (quest: "
+                            "tokens attended per step), rounded down to whole blocks; "
+                            f"{DEFAULT_BUDGET_TOKENS} when unset.")
     group.add_argument("--kv-sink-tokens", type=int, default=None, metavar="TOKENS",
                        help="First tokens never evicted, rounded up to whole blocks; "
                             f"{DEFAULT_SINK_TOKENS} when unset.")
@@ -155,8 +157,9 @@ def _add_cli_args(original, parser, *args, **kwargs):
                        help="Most recent tokens never evicted, rounded up to whole blocks; "
                             f"{DEFAULT_WINDOW_TOKENS} when unset.")
     group.add_argument("--kv-top-k-tokens", type=int, default=None, metavar="TOKENS",
-                       help="arkvale: tokens picked per step by digest score besides sinks and "
-                            "window, rounded down to blocks; min(1280, budget/2) when unset.")
+                       help="arkvale, quest: tokens picked per step by digest score besides "
+                            "sinks and window, rounded down to blocks; when unset min(1280, "
+                            "budget/2) (arkvale) or the rest of the budget (quest).")
     group.add_argument("--kv-host-space", type=float, default=None, metavar="GIB",
                        help="arkvale: host memory per worker for page backups, in GiB; "
                             f"{DEFAULT_HOST_SPACE_GIB:g} when unset. Requests wait (or are "
@@ -239,8 +242,8 @@ def _create_model_config(original, self):
 def _create_engine_config(original, self, *args, **kwargs):
     """Resolve the engine config; under an evicting policy adapt and check it (see module doc).
 
-    Mutates ``self`` (``block_size``, ``enable_prefix_caching``, ``additional_config``), so a
-    second call gives the same result.
+    Mutates ``self`` (``block_size``, ``enable_prefix_caching``, ``async_scheduling``,
+    ``additional_config``), so a second call gives the same result.
     """
     config = eviction_config(self.additional_config)
     if not config.evicts:
@@ -254,6 +257,10 @@ def _create_engine_config(original, self, *args, **kwargs):
         self.block_size = DEFAULT_EVICTING_BLOCK_SIZE
     prefix_caching_request = self.enable_prefix_caching
     self.enable_prefix_caching = False
+    if self.async_scheduling is None:
+        # Eviction reads each row's exact computed-token count when a step is planned; with
+        # async scheduling (a CUDA default) the worker only has an upper bound.
+        self.async_scheduling = False
     vllm_config = original(self, *args, **kwargs)
     layout = config.layout(vllm_config.cache_config.block_size)  # raises if the budget is short
     _log_resolution(config, layout, prefix_caching_request)

@@ -44,8 +44,9 @@ def create_runtime(config: EvictionConfig, spec, layer_names: list[str],
     global _runtime
     from vllm_kvevict.policies import get_policy
 
+    policy = get_policy(config.policy)
     store = HostPageStore(spec.host_pages, len(layer_names))
-    _runtime = PageRuntime(spec.layout, get_policy(config.policy), config.digest,
+    _runtime = PageRuntime(spec.layout, policy, policy.digest or config.digest,
                            config.sparse_attention, store, block_format or CPUBlockFormat(),
                            len(layer_names))
     _runtime.layer_index = {name: i for i, name in enumerate(layer_names)}
@@ -53,7 +54,7 @@ def create_runtime(config: EvictionConfig, spec, layer_names: list[str],
                 "top-%d), attends over %s; host store holds %d pages", config.policy,
                 spec.sink_pages + spec.window_pages + spec.top_k_pages, spec.sink_pages,
                 spec.window_pages, spec.top_k_pages,
-                "them only" if config.sparse_attention else "all resident pages", spec.host_pages)
+                "them only" if _runtime.sparse_attention else "all resident pages", spec.host_pages)
     return _runtime
 
 

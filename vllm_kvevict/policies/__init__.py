@@ -7,13 +7,15 @@ policy's declared properties.
 from vllm_kvevict.policies.arkvale import ArkVale
 from vllm_kvevict.policies.base import EvictionPolicy, PageSelectionPolicy
 from vllm_kvevict.policies.none import NoEviction
+from vllm_kvevict.policies.quest import Quest
 from vllm_kvevict.policies.streamingllm import StreamingLLM
 
 POLICY_REGISTRY: dict[str, EvictionPolicy] = {
-    policy.name: policy for policy in (NoEviction(), StreamingLLM(), ArkVale())
+    policy.name: policy for policy in (NoEviction(), StreamingLLM(), ArkVale(), Quest())
 }
 
-__all__ = ["ArkVale", "EvictionPolicy", "PageSelectionPolicy", "NoEviction", "StreamingLLM", "POLICY_REGISTRY", "get_policy"]
+__all__ = ["ArkVale", "EvictionPolicy", "NoEviction", "PageSelectionPolicy", "POLICY_REGISTRY", "Quest",
+           "StreamingLLM", "get_policy"]
 
 
 def get_policy(name: str) -> EvictionPolicy:

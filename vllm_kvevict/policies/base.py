@@ -36,6 +36,10 @@ class PageSelectionPolicy(EvictionPolicy):
     """
 
     selects: ClassVar[bool] = True
+    # True: pages beyond the budget leave the device (backed up, recalled when selected).
+    # False: every page stays resident and only attention is restricted to the selection.
+    recalls: ClassVar[bool] = True
+    digest: ClassVar[str | None] = None  # a digest kind the policy requires (else --kv-digest)
 
     def score(self, query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         """``[num_pages]`` scores (higher = keep) of pages with digests ``hi``/``lo``
