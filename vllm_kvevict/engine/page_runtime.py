@@ -93,12 +93,12 @@ def take_step_rows(cm, runtime: PageRuntime) -> list[RowInput] | None:
     if not _step_pending or _active_runner is None:
         return None
     _step_pending = False
-    _active_runner._kvevict_runtime = runtime
     batch = _active_runner.input_batch
     num_reqs = cm.num_reqs
     req_ids = batch.req_ids[:num_reqs]
     if len(req_ids) != num_reqs:
         return None
+    _active_runner._kvevict_runtime = runtime
     query_start = cm.query_start_loc_cpu[:num_reqs + 1].tolist()
     seq_lens = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
                 else cm.seq_lens.cpu())[:num_reqs].tolist()
