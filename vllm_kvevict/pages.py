@@ -436,9 +436,7 @@ class PageRuntime:
             missing = keep[~torch.isin(keep, held[survivors])]
             if not missing.numel():
                 continue
-            candidates = survivors[~present]
-            victims = candidates[torch.argsort(scores[held[candidates]], stable=True)]
-            victims = victims[:missing.numel()]
+            victims = _lowest_scored(survivors[~present], held, scores, missing.numel())
             # Before the prefill's end every block holds its own page: page p sits in column
             # positions.index(p); the sources are columns that will be freed.
             source_cols = torch.tensor([sel.state.positions.index(int(p)) for p in missing])
@@ -485,9 +483,7 @@ class PageRuntime:
         missing = keep[~torch.isin(keep, held_full)]
         if not missing.numel():
             return
-        candidates = (~present).nonzero().squeeze(1)
-        victims = candidates[torch.argsort(scores[held_full[candidates]], stable=True)]
-        victims = victims[:missing.numel()]
+        victims = _lowest_scored((~present).nonzero().squeeze(1), held, scores, missing.numel())
         host_pages = self.store.pages[layer]
         hosts = [sel.state.host_ids[p] for p in missing.tolist()]
         blocks = sel.blocks[victims.to(sel.blocks.device)]
@@ -501,3 +497,9 @@ class PageRuntime:
         held[victims] = missing
         self.stats.recalled += missing.numel()
         self.stats.evicted += missing.numel()
+
+
+def _lowest_scored(columns: torch.Tensor, held: torch.Tensor, scores: torch.Tensor,
+                   n: int) -> torch.Tensor:
+    """The ``n`` of ``columns`` whose held pages score lowest: where recalled pages go."""
+    return columns[torch.argsort(scores[held[columns]], stable=True)][:n]
