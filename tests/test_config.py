@@ -17,7 +17,7 @@ def test_reads_additional_config_and_coerces_strings():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"policy": "bogus"}, "unknown --kv-eviction-policy 'bogus'; choose one of: arkvale, none, quest, streamingllm"),
+    ({"policy": "bogus"}, "unknown --kv-eviction-policy 'bogus'; choose one of: arkvale, h2o, none, quest, roco, snapkv, streamingllm, tova"),
     ({"budget": 0}, "--kv-budget must be a positive integer, got 0"),
     ({"sink_tokens": -4}, "--kv-sink-tokens must be a positive integer, got -4"),
     ({"window_tokens": "many"}, "--kv-window-tokens must be a positive integer, got 'many'"),
@@ -63,3 +63,27 @@ def test_top_k_default_follows_arkvale_and_fits_the_budget():
     assert EvictionConfig(policy="arkvale", budget=128).layout(32).top_k_pages == 0  # no room
     with pytest.raises(EvictionConfigError, match="--kv-top-k-tokens is 14 blocks of 32 tokens"):
         EvictionConfig(policy="arkvale", budget=512, top_k_tokens=448).layout(32)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"observation_window": 0}, "--kv-observation-window must be a positive integer, got 0"),
+    ({"observation_window": "many"}, "--kv-observation-window must be a positive integer, "
+                                     "got 'many'"),
+    ({"recent_ratio": 1.5}, "--kv-recent-ratio must be a number between 0 and 1 (exclusive), "
+                            "got 1.5"),
+    ({"recent_ratio": "half"}, "--kv-recent-ratio must be a number between 0 and 1 "
+                               "(exclusive), got 'half'"),
+])
+def test_attention_statistics_settings_are_validated(raw, message):
+    with pytest.raises(EvictionConfigError) as info:
+        EvictionConfig.from_dict({"policy": "h2o", **raw})
+    assert message in str(info.value)
+
+
+def test_recent_ratio_widens_the_window_and_must_leave_room_for_sinks():
+    config = EvictionConfig.from_dict({"policy": "h2o", "budget": "512", "recent_ratio": "0.5",
+                                       "observation_window": "16"})
+    assert (config.observation_window, config.layout(32).window_pages) == (16, 8)
+    assert EvictionConfig(policy="h2o", budget=512, recent_ratio=0.01).layout(32).window_pages == 2
+    with pytest.raises(EvictionConfigError, match="fewer than 2 sink \\+ 16 window blocks"):
+        EvictionConfig(policy="h2o", budget=512, recent_ratio=0.99).layout(32)

@@ -19,7 +19,8 @@ LAYOUT = PageLayout(block_size=BS, budget_pages=6, sink_pages=1, window_pages=1,
 class FakeEngine:
     """One worker's KV cache, a scheduler's block table and the page runtime."""
 
-    def __init__(self, sparse=False, host_pages=64, policy="arkvale", layout=LAYOUT):
+    def __init__(self, sparse=False, host_pages=64, policy="arkvale", layout=LAYOUT,
+                 runtime=None):
         self.kv = [torch.zeros(NUM_BLOCKS, KV_HEADS, BS, 2 * HEAD_DIM) for _ in range(LAYERS)]
         self.free = list(range(1, NUM_BLOCKS))
         self.tables: dict[str, list[int]] = {}
@@ -28,8 +29,8 @@ class FakeEngine:
         self.store = HostPageStore(host_pages, LAYERS)
         self.store.bind(self.kv[0], self.fmt, KV_HEADS, HEAD_DIM)
         self.layout = layout
-        self.runtime = PageRuntime(layout, get_policy(policy), "cuboid-mean", sparse,
-                                   self.store, self.fmt, LAYERS)
+        self.runtime = runtime or PageRuntime(layout, get_policy(policy), "cuboid-mean", sparse,
+                                              self.store, self.fmt, LAYERS)
         self.page_keys = torch.randn(200, HEAD_DIM)  # keys of page p: around page_keys[p]
 
     def step(self, batch: dict[str, int], prompts: dict[str, int], favour: dict[str, int]):
@@ -83,7 +84,7 @@ class FakeEngine:
             assert held == self.held_by_content(req, layer)  # the table is the truth
             full = [p for p, pos in zip(held, state.positions) if pos < num_full]
             assert len(set(full)) == len(full)
-            for p in range(LAYOUT.sink_pages):
+            for p in range(self.layout.sink_pages):
                 assert held[state.positions.index(p)] == p
             if seq_len % BS:
                 assert held[-1] == num_full  # the page being filled, last

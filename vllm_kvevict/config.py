@@ -24,6 +24,8 @@ DEFAULT_HOST_SPACE_GIB = 4.0
 # ArkVale's top-k rule: min(40 pages of 32, budget / 2) tokens.
 MAX_DEFAULT_TOP_K_TOKENS = 1280
 DIGEST_KINDS = ("cuboid-mean", "cuboid-max")
+# SnapKV's observation window: the last 32 prompt queries.
+DEFAULT_OBSERVATION_WINDOW = 32
 
 
 class EvictionConfigError(ValueError):
@@ -45,6 +47,10 @@ class EvictionConfig:
         sparse_attention: (selecting policies) attend only over sinks + top-k + window instead
             of every resident page.
         digest: (digest policies) ``cuboid-mean`` (ArkVale) or ``cuboid-max`` (Quest's min/max).
+        observation_window: (attention-statistics policies) the last prompt queries whose
+            attention seeds the statistics when a prompt ends (SnapKV's window).
+        recent_ratio: share of the budget held as the recent window; ``None``: ``window_tokens``
+            alone. The window is the larger of the two.
     """
 
     policy: str = "none"
@@ -55,6 +61,8 @@ class EvictionConfig:
     host_space_gib: float = DEFAULT_HOST_SPACE_GIB
     sparse_attention: bool = False
     digest: str = "cuboid-mean"
+    observation_window: int = DEFAULT_OBSERVATION_WINDOW
+    recent_ratio: float | None = None
 
     def __post_init__(self) -> None:
         from vllm_kvevict.policies import POLICY_REGISTRY
@@ -63,7 +71,8 @@ class EvictionConfig:
             raise EvictionConfigError(
                 f"unknown --kv-eviction-policy {self.policy!r}; "
                 f"choose one of: {', '.join(sorted(POLICY_REGISTRY))}")
-        for name in ("budget", "sink_tokens", "window_tokens", "top_k_tokens"):
+        for name in ("budget", "sink_tokens", "window_tokens", "top_k_tokens",
+                     "observation_window"):
             value = getattr(self, name)
             if name == "top_k_tokens" and value is None:
                 continue
@@ -76,6 +85,11 @@ class EvictionConfig:
         if not isinstance(self.sparse_attention, bool):
             raise EvictionConfigError(f"--kv-sparse-attention must be true or false, "
                                       f"got {self.sparse_attention!r}")
+        ratio = self.recent_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not 0 < ratio < 1):
+            raise EvictionConfigError(f"--kv-recent-ratio must be a number between 0 and 1 "
+                                      f"(exclusive), got {ratio!r}")
         if self.digest not in DIGEST_KINDS:
             raise EvictionConfigError(f"unknown --kv-digest {self.digest!r}; choose one of: "
                                       f"{', '.join(DIGEST_KINDS)}")
@@ -126,7 +140,13 @@ class EvictionConfig:
         from vllm_kvevict.paging import PageLayout
 
         return PageLayout.from_tokens(block_size, self.budget, self.sink_tokens,
-                                      self.window_tokens, self.top_k_tokens)
+                                      self.recent_window_tokens, self.top_k_tokens)
+
+    @property
+    def recent_window_tokens(self) -> int:
+        if self.recent_ratio is None:
+            return self.window_tokens
+        return max(self.window_tokens, int(self.recent_ratio * self.budget))
 
 
 _FLAG_NAMES = {"policy": "--kv-eviction-policy", "host_space_gib": "--kv-host-space"}
@@ -148,7 +168,9 @@ def _parse_string(name: str, value: str) -> Any:
             return False
         raise EvictionConfigError(f"--kv-sparse-attention must be true or false, got {value!r}")
     try:
-        return float(value) if name == "host_space_gib" else int(value)
+        return float(value) if name in ("host_space_gib", "recent_ratio") else int(value)
     except ValueError:
-        kind = "a positive number of GiB" if name == "host_space_gib" else "a positive integer"
+        kind = {"host_space_gib": "a positive number of GiB",
+                "recent_ratio": "a number between 0 and 1 (exclusive)"}.get(name,
+                                                                           "a positive integer")
         raise EvictionConfigError(f"{_flag(name)} must be {kind}, got {value!r}") from None

@@ -228,6 +228,8 @@ class RequestPages:
     block_ids: list[int] = dataclasses.field(default_factory=list)
     held: torch.Tensor | None = None
     num_tokens: int = 0  # tokens written after the last planned step
+    # Attention-statistics policies: [layers, NUM_STATS, pages] by logical page.
+    attention: torch.Tensor | None = None
 
     def host_id_tensor(self, num_pages: int, device) -> torch.Tensor:
         return torch.tensor(self.host_ids[:num_pages], dtype=torch.int64, device=device)
@@ -318,6 +320,14 @@ class PageRuntime:
         self.requests: dict[str, RequestPages] = {}
         self.stats = PageStats()
         self.probe: SelectionProbe | None = None  # set by benchmarks
+
+    @property
+    def bound(self) -> bool:
+        return self.store.bound
+
+    def bind(self, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        """Allocate the host store and digests once the KV cache exists."""
+        self.store.bind(kv_cache, self.format, num_kv_heads, head_dim)
 
     # --- request lifetime ------------------------------------------------------------------
 

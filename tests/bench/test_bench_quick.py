@@ -8,7 +8,7 @@ import pytest
 
 pytestmark = pytest.mark.engine
 
-NAMES = ["passkey", "perplexity", "latency", "recall", "throughput"]
+NAMES = ["passkey", "policies", "reference", "perplexity", "latency", "recall", "throughput"]
 
 
 def test_all_benchmarks_quick(tmp_path, model_path):
@@ -29,6 +29,8 @@ def test_all_benchmarks_quick(tmp_path, model_path):
     throughput = json.loads((tmp_path / "throughput.json").read_text())["results"]
     assert {r["policy"] for r in throughput} == {"none", "streamingllm", "arkvale"}
     assert all(r["output_tokens"] == 4 * 16 for r in throughput)
+    policies = json.loads((tmp_path / "policies.json").read_text())["cells"]
+    assert [c["policy"] for c in policies] == ["none", "h2o", "tova", "roco", "snapkv"]
     perplexity = json.loads((tmp_path / "perplexity.json").read_text())["results"]
     assert all(1 < r["perplexity"] < 1000 for r in perplexity)
 

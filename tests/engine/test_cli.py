@@ -76,13 +76,16 @@ def test_flag_group_offers_implemented_policies_only(serve_parser):
     group = next(g for g in serve._action_groups if g.title == GROUP_TITLE)
     actions = {a.option_strings[0]: a for a in group._group_actions}
     assert sorted(actions) == ["--kv-budget", "--kv-digest", "--kv-eviction-policy",
-                               "--kv-host-space", "--kv-sink-tokens", "--kv-sparse-attention",
-                               "--kv-top-k-tokens", "--kv-window-tokens"]
+                               "--kv-host-space", "--kv-observation-window", "--kv-recent-ratio",
+                               "--kv-sink-tokens", "--kv-sparse-attention", "--kv-top-k-tokens",
+                               "--kv-window-tokens"]
     assert actions["--kv-eviction-policy"].choices == sorted(POLICY_REGISTRY)
-    assert sorted(POLICY_REGISTRY) == ["arkvale", "none", "quest", "streamingllm"]
+    assert sorted(POLICY_REGISTRY) == ["arkvale", "h2o", "none", "quest", "roco", "snapkv",
+                                       "streamingllm", "tova"]
     assert all(actions[f].type is int for f in ("--kv-budget", "--kv-sink-tokens",
-                                                "--kv-window-tokens", "--kv-top-k-tokens"))
-    assert actions["--kv-host-space"].type is float
+                                                "--kv-window-tokens", "--kv-top-k-tokens",
+                                                "--kv-observation-window"))
+    assert actions["--kv-host-space"].type is float and actions["--kv-recent-ratio"].type is float
 
 
 def test_additional_config_route_alone(serve_parser, model_path):
@@ -139,6 +142,9 @@ def test_command_line_overrides_yaml(serve_parser, model_path):
     (["--kv-window-tokens", "-5"], "--kv-window-tokens must be a positive integer, got -5"),
     (["--kv-eviction-policy", "streamingllm", "--kv-budget", "100"],
      "--kv-budget 100 is smaller than --kv-sink-tokens 64 + --kv-window-tokens 64"),
+    (["--kv-eviction-policy", "h2o", "--kv-recent-ratio", "1.5"],
+     "vllm-kvevict: error: --kv-recent-ratio must be a number between 0 and 1 (exclusive), "
+     "got 1.5"),
     (["--additional-config.kv_eviction.policy", "nope"], "unknown --kv-eviction-policy 'nope'"),
     (["--additional-config.kv_eviction.budgets", "512"], "unknown kv_eviction setting(s) budgets"),
 ])
@@ -356,6 +362,9 @@ def bad_yaml(tmp_path_factory):
     (["--kv-eviction-policy", "streamingllm", "--kv-budget", "100"],
      "vllm-kvevict: error: --kv-budget 100 is smaller than --kv-sink-tokens 64 + "
      "--kv-window-tokens 64"),
+    (["--kv-eviction-policy", "h2o", "--kv-recent-ratio", "1.5"],
+     "vllm-kvevict: error: --kv-recent-ratio must be a number between 0 and 1 (exclusive), "
+     "got 1.5"),
     (["--additional-config.kv_eviction.policy", "nope"],
      "vllm-kvevict: error: unknown --kv-eviction-policy 'nope'"),
     (["--config", "BAD_YAML"],
@@ -389,3 +398,10 @@ def test_arkvale_flags_reach_additional_config(serve_parser, model_path):
     assert args.additional_config == {"kv_eviction": {
         "policy": "arkvale", "host_space_gib": 0.5, "sparse_attention": True,
         "digest": "cuboid-max", "top_k_tokens": 128}}
+
+
+def test_attention_statistics_flags_reach_additional_config(serve_parser, model_path):
+    args = serve_engine_args(serve_parser, model_path, "--kv-eviction-policy", "roco",
+                             "--kv-observation-window", "16", "--kv-recent-ratio", "0.25")
+    assert args.additional_config == {"kv_eviction": {
+        "policy": "roco", "observation_window": 16, "recent_ratio": 0.25}}

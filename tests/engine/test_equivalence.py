@@ -70,14 +70,25 @@ def test_none_matches_stock_vllm(model_path, none_tokens, tmp_path):
     ("arkvale", {}),
     ("arkvale", {"kv_sparse_attention": True, "kv_digest": "cuboid-max"}),
     ("quest", {}),
+    ("h2o", {}),
+    ("tova", {}),
+    ("roco", {}),
+    ("snapkv", {}),
 ])
 def test_covering_budget_matches_none(model_path, none_runs, policy, settings):
-    """A batch of mixed lengths, then each prompt alone (arkvale also backs every page up)."""
+    """A batch of mixed lengths, then each prompt alone (arkvale also backs every page up).
+    Attention-statistics policies observe every decode query but move nothing."""
     none_tokens, none_alone = none_runs
     llm = make_llm(model_path, policy, budget=8192, **settings)
     try:
         assert llm.llm_engine.vllm_config.cache_config.block_size == BLOCK_SIZE
         assert _greedy(llm, _prompts()) == none_tokens
+        if policy in ("h2o", "tova", "roco", "snapkv"):
+            from vllm_kvevict.engine.page_runtime import current_runtime
+
+            # Statistics were gathered for every request, and nothing had to move.
+            assert current_runtime().policy.name == policy
+            assert current_runtime().stats.evicted == 0
         if policy in ("arkvale", "quest"):
             from vllm_kvevict.engine.page_runtime import current_runtime
 

@@ -24,10 +24,10 @@ def select_pages(scores: torch.Tensor, sink_pages: int, window_pages: int, top_k
         pinned[max(0, num_pages - window_pages):] = True
     ranked = torch.where(pinned, torch.full_like(scores, float("inf"), dtype=torch.float32),
                          scores.float())
-    return torch.sort(_topk_prefer_recent(ranked, keep)).values
+    return torch.sort(topk_prefer_recent(ranked, keep)).values
 
 
-def _topk_prefer_recent(ranked: torch.Tensor, k: int) -> torch.Tensor:
+def topk_prefer_recent(ranked: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest values; among equal values the larger index wins."""
     flipped = ranked.flip(0)
     order = torch.argsort(flipped, descending=True, stable=True)[:k]

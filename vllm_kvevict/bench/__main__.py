@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -9,14 +10,27 @@ import time
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+STATS_POLICIES = ["h2o", "tova", "roco", "snapkv"]
+ALL_POLICIES = ["none", "streamingllm", "h2o", "tova", "roco", "snapkv", "quest", "arkvale"]
+
 # name -> (full settings, --quick settings)
 SETTINGS = {
     "passkey": ({"lengths": [1000, 2000, 4000, 7000], "budgets": [256, 512, 1024, 2048],
                  "policies": ["none", "streamingllm", "arkvale", "quest"], "trials": 20},
                 {"lengths": [1000, 2000], "budgets": [256], "policies":
                  ["none", "streamingllm", "arkvale"], "trials": 2}),
+    # The policy family side by side at the cells (passkey's engine, own file).
+    "policies": ({"lengths": [4000, 7000], "budgets": [512, 1024], "policies": ALL_POLICIES,
+                  "trials": 10},
+                 {"lengths": [1000], "budgets": [256],
+                  "policies": ["none", "h2o", "tova", "roco", "snapkv"], "trials": 1}),
+    # Page-level attention-statistics policies vs their token-level references (transformers).
+    "reference": ({"prompt_tokens": 2000, "answer_tokens": 64, "budgets": [256, 512],
+                   "policies": STATS_POLICIES, "trials": 3, "layers": [0, 7, 15, 22, 29]},
+                  {"prompt_tokens": 600, "answer_tokens": 40, "budgets": [256],
+                   "policies": STATS_POLICIES, "trials": 1, "layers": [0, 29]}),
     "perplexity": ({"num_tokens": 7000, "prefix": 256, "budgets": [512, 1024],
-                    "policies": ["none", "streamingllm", "arkvale", "quest"]},
+                    "policies": ALL_POLICIES},
                    {"num_tokens": 800, "prefix": 256, "budgets": [256],
                     "policies": ["none", "streamingllm", "arkvale"]}),
     "latency": ({"prompt_tokens": 7000, "new_tokens": 256, "budgets": [512, 1024, 2048]},
@@ -32,9 +46,10 @@ SETTINGS = {
 
 
 def _runner(name: str):
-    from vllm_kvevict.bench import latency, passkey, perplexity, recall, throughput
+    from vllm_kvevict.bench import latency, passkey, perplexity, recall, reference, throughput
 
-    return {"passkey": passkey.run, "perplexity": perplexity.run, "latency": latency.run,
+    return {"passkey": passkey.run, "policies": functools.partial(passkey.run, name="policies"),
+            "reference": reference.run, "perplexity": perplexity.run, "latency": latency.run,
             "recall": recall.run, "throughput": throughput.run}[name]
 
 

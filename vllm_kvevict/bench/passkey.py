@@ -10,7 +10,8 @@ from vllm_kvevict.bench.common import (close_llm, environment, label, markdown_t
 
 
 def run(model_path: str, out_dir: str, lengths: list[int], budgets: list[int],
-        policies: list[str], trials: int, seed: int = 0) -> dict:
+        policies: list[str], trials: int, seed: int = 0, name: str = "passkey") -> dict:
+    """Writes ``{out_dir}/{name}.{json,md,png}``."""
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
@@ -40,8 +41,8 @@ def run(model_path: str, out_dir: str, lengths: list[int], budgets: list[int],
                "settings": {"lengths": lengths, "budgets": budgets, "policies": policies,
                             "trials": trials, "seed": seed, "max_tokens": 8, "greedy": True},
                "cells": cells}
-    write_results(out_dir, "passkey", payload, _table(cells, lengths))
-    _plot(cells, lengths, budgets, policies, out_dir)
+    write_results(out_dir, name, payload, _table(cells, lengths))
+    _plot(cells, lengths, budgets, policies, out_dir, name)
     return payload
 
 
@@ -56,7 +57,7 @@ def _table(cells, lengths) -> str:
                                           rows))
 
 
-def _plot(cells, lengths, budgets, policies, out_dir) -> None:
+def _plot(cells, lengths, budgets, policies, out_dir, name) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,5 +85,5 @@ def _plot(cells, lengths, budgets, policies, out_dir) -> None:
                         color="white" if value < 0.6 else "black")
     fig.suptitle("passkey accuracy (%)")
     fig.tight_layout()
-    fig.savefig(f"{out_dir}/passkey.png", dpi=110)
+    fig.savefig(f"{out_dir}/{name}.png", dpi=110)
     plt.close(fig)

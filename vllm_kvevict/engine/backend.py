@@ -26,7 +26,7 @@ from vllm_kvevict.engine import page_runtime
 from vllm_kvevict.engine.kv_spec import EvictingAttentionSpec
 from vllm_kvevict.pages import CPUBlockFormat
 from vllm_kvevict.paging import PageLayout, cdiv
-from vllm_kvevict.policies import get_policy
+from vllm_kvevict.policies import AttentionStatsPolicy, get_policy
 
 
 def compact_common_metadata(cm: CommonAttentionMetadata, layout: PageLayout,
@@ -102,7 +102,10 @@ def customize_for_eviction(spec):
     policy = get_policy(config.policy)
     layout = config.layout(spec.block_size)
     host_pages = 0
-    if policy.selects and policy.recalls:
+    if isinstance(policy, AttentionStatsPolicy):
+        layout = dataclasses.replace(layout, top_k_pages=(
+            layout.budget_pages - layout.sink_pages - layout.window_pages))
+    elif policy.selects and policy.recalls:
         host_pages = page_runtime.host_pages_for(config, spec.page_size_bytes, _worker_num_layers)
     elif policy.selects:
         layout = resident_layout(layout, config, _worker_max_model_len)
@@ -169,11 +172,11 @@ def forward_with_pages(impl, forward, layer, query, key, value, kv_cache, attn_m
     if plan is None:
         return forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
     runtime = attn_metadata.kvevict_runtime
-    if not runtime.store.bound:
+    if not runtime.bound:
         if isinstance(runtime.format, CPUBlockFormat):
             runtime.format = CPUBlockFormat(cpu_key_index(layer.isa, kv_cache.shape[2],
                                                           impl.head_size, kv_cache.dtype))
-        runtime.store.bind(kv_cache, runtime.format, impl.num_kv_heads, impl.head_size)
+        runtime.bind(kv_cache, impl.num_kv_heads, impl.head_size, impl.scale)
     index = runtime.layer_index[layer.layer_name]
     tables = runtime.before_attention(index, query, kv_cache, plan)
     layer_metadata = attn_metadata

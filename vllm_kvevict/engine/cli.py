@@ -32,7 +32,8 @@ from typing import Any, Callable, Mapping
 
 from vllm_kvevict.config import (ADDITIONAL_CONFIG_KEY, DEFAULT_BUDGET_TOKENS,
                                  DEFAULT_EVICTING_BLOCK_SIZE, DEFAULT_HOST_SPACE_GIB,
-                                 DEFAULT_SINK_TOKENS, DEFAULT_WINDOW_TOKENS, DIGEST_KINDS,
+                                 DEFAULT_OBSERVATION_WINDOW, DEFAULT_SINK_TOKENS,
+                                 DEFAULT_WINDOW_TOKENS, DIGEST_KINDS,
                                  EvictionConfig, EvictionConfigError)
 
 # argparse dest / LLM keyword -> key in additional_config["kv_eviction"]
@@ -45,6 +46,8 @@ SETTINGS = {
     "kv_host_space": "host_space_gib",
     "kv_sparse_attention": "sparse_attention",
     "kv_digest": "digest",
+    "kv_observation_window": "observation_window",
+    "kv_recent_ratio": "recent_ratio",
 }
 GROUP_TITLE = "KV eviction (vllm-kvevict)"
 ERROR_PREFIX = "vllm-kvevict: error: "
@@ -140,7 +143,8 @@ def _add_cli_args(original, parser, *args, **kwargs):
     group = parser.add_argument_group(
         GROUP_TITLE, "Cap the KV cache each request keeps (per layer) once its prompt is "
         "processed. Also accepted as --additional-config.kv_eviction.<setting> (policy, budget, "
-        "sink_tokens, window_tokens, top_k_tokens, host_space_gib, sparse_attention, digest); "
+        "sink_tokens, window_tokens, top_k_tokens, host_space_gib, sparse_attention, digest, "
+        "observation_window, recent_ratio); "
         "these flags win over it.")
     # The defaults stay None ("not set": vLLM's help prints them as "(default: None)"), so only
     # what the user set reaches additional_config; the effective defaults live in EvictionConfig.
@@ -171,6 +175,13 @@ def _add_cli_args(original, parser, *args, **kwargs):
     group.add_argument("--kv-digest", choices=DIGEST_KINDS, default=None,
                        help="arkvale: page digest, cuboid-mean (ArkVale, default) or cuboid-max "
                             "(min/max keys, as Quest).")
+    group.add_argument("--kv-observation-window", type=int, default=None, metavar="TOKENS",
+                       help="h2o, tova, roco, snapkv: the last prompt queries whose attention "
+                            "scores the prompt's pages when it ends (SnapKV's window); "
+                            f"{DEFAULT_OBSERVATION_WINDOW} when unset.")
+    group.add_argument("--kv-recent-ratio", type=float, default=None, metavar="RATIO",
+                       help="Share of --kv-budget held as the recent window (0..1); the window "
+                            "is the larger of this and --kv-window-tokens.")
     return parser
 
 

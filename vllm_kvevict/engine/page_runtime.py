@@ -20,6 +20,7 @@ import time
 from vllm.logger import init_logger
 
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.attention_pages import AttentionStatsRuntime
 from vllm_kvevict.pages import CPUBlockFormat, HostPageStore, PageRuntime, RowInput
 
 logger = init_logger("vllm.kvevict")
@@ -42,13 +43,22 @@ def create_runtime(config: EvictionConfig, spec, layer_names: list[str],
                    block_format=None) -> PageRuntime:
     """A new runtime for this worker's engine (replacing one of an engine shut down before)."""
     global _runtime
-    from vllm_kvevict.policies import get_policy
+    from vllm_kvevict.policies import AttentionStatsPolicy, get_policy
 
     policy = get_policy(config.policy)
+    block_format = block_format or CPUBlockFormat()
+    if isinstance(policy, AttentionStatsPolicy):
+        _runtime = AttentionStatsRuntime(spec.layout, policy, block_format, len(layer_names),
+                                         config.observation_window)
+        _runtime.layer_index = {name: i for i, name in enumerate(layer_names)}
+        logger.info("vllm-kvevict: %s keeps %d pages per layer (%d sink, %d window, %d by "
+                    "attention statistics%s)", config.policy, spec.budget_pages, spec.sink_pages,
+                    spec.window_pages, spec.top_k_pages,
+                    f"; observation window {config.observation_window} prompt queries")
+        return _runtime
     store = HostPageStore(spec.host_pages, len(layer_names))
     _runtime = PageRuntime(spec.layout, policy, policy.digest or config.digest,
-                           config.sparse_attention, store, block_format or CPUBlockFormat(),
-                           len(layer_names))
+                           config.sparse_attention, store, block_format, len(layer_names))
     _runtime.layer_index = {name: i for i, name in enumerate(layer_names)}
     logger.info("vllm-kvevict: %s selects up to %d pages per step and layer (%d sink, %d window, "
                 "top-%d), attends over %s; host store holds %d pages", config.policy,
@@ -122,6 +132,10 @@ def maybe_log_stats(runtime: PageRuntime) -> None:
         return
     _last_log, _last_logged_stats = now, current
     store = runtime.store
+    if not runtime.recalls:
+        logger.info("vllm-kvevict: %d requests; page copies evicted %d", len(runtime.requests),
+                    stats.evicted)
+        return
     logger.info("vllm-kvevict: host store %d/%d pages (%.1f MiB) for %d requests; pages backed "
                 "up %d, page copies evicted %d, recalled %d", store.used_pages, store.num_pages,
                 store.used_bytes / 2**20, len(runtime.requests), stats.backed_up, stats.evicted,

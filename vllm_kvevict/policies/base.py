@@ -6,6 +6,8 @@ from typing import ClassVar
 
 import torch
 
+from vllm_kvevict.algorithms.attention_stats import PageAttentionStats
+
 
 @dataclasses.dataclass(frozen=True)
 class EvictionPolicy:
@@ -18,8 +20,9 @@ class EvictionPolicy:
     Attributes:
         name: the value of ``--kv-eviction-policy``.
         evicts: whether the policy caps resident blocks (``none`` does not).
-        selects: whether the policy picks pages per decode step and per layer among all pages of
-            the request, resident or not (pages are backed up to host memory and recalled).
+        selects: whether a worker-side page runtime decides, per layer, which logical page each
+            owned block holds (:mod:`vllm_kvevict.pages`): selecting policies and
+            attention-statistics policies; otherwise resident pages are fixed by position.
     """
 
     name: ClassVar[str]
@@ -44,4 +47,24 @@ class PageSelectionPolicy(EvictionPolicy):
     def score(self, query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         """``[num_pages]`` scores (higher = keep) of pages with digests ``hi``/``lo``
         (``[num_pages, num_kv_heads, head_dim]``) for one query ``[num_q_heads, head_dim]``."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionStatsPolicy(EvictionPolicy):
+    """A policy that evicts pages for good, per layer, ranked by attention statistics.
+
+    No host copies: when the budget is exceeded the runtime keeps sinks, the window and the
+    best-scored other pages (see :mod:`vllm_kvevict.attention_pages`); a page evicted in one
+    layer may stay in another.
+    """
+
+    selects: ClassVar[bool] = True
+    # True: every decode query updates the statistics; False: only the observation window at
+    # the prompt's end does (SnapKV).
+    decode_statistics: ClassVar[bool] = True
+
+    def score(self, stats: PageAttentionStats) -> torch.Tensor:
+        """``[num_pages]`` scores (higher = keep) of the candidate pages described by ``stats``;
+        pinned pages are kept whatever their score."""
         raise NotImplementedError
