@@ -52,9 +52,9 @@ def create_runtime(config: EvictionConfig, spec, layer_names: list[str],
                                          config.observation_window)
         _runtime.layer_index = {name: i for i, name in enumerate(layer_names)}
         logger.info("vllm-kvevict: %s keeps %d pages per layer (%d sink, %d window, %d by "
-                    "attention statistics%s)", config.policy, spec.budget_pages, spec.sink_pages,
-                    spec.window_pages, spec.top_k_pages,
-                    f"; observation window {config.observation_window} prompt queries")
+                    "attention statistics; observation window %d prompt queries)",
+                    config.policy, spec.budget_pages, spec.sink_pages, spec.window_pages,
+                    spec.top_k_pages, config.observation_window)
         return _runtime
     store = HostPageStore(spec.host_pages, len(layer_names))
     _runtime = PageRuntime(spec.layout, policy, policy.digest or config.digest,
