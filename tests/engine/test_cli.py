@@ -143,8 +143,7 @@ def test_command_line_overrides_yaml(serve_parser, model_path):
     (["--kv-eviction-policy", "streamingllm", "--kv-budget", "100"],
      "--kv-budget 100 is smaller than --kv-sink-tokens 64 + --kv-window-tokens 64"),
     (["--kv-eviction-policy", "h2o", "--kv-recent-ratio", "1.5"],
-     "vllm-kvevict: error: --kv-recent-ratio must be a number between 0 and 1 (exclusive), "
-     "got 1.5"),
+     "--kv-recent-ratio must be a number between 0 and 1 (exclusive), got 1.5"),
     (["--additional-config.kv_eviction.policy", "nope"], "unknown --kv-eviction-policy 'nope'"),
     (["--additional-config.kv_eviction.budgets", "512"], "unknown kv_eviction setting(s) budgets"),
 ])
