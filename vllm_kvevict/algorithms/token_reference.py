@@ -68,8 +68,15 @@ def token_level_keep(policy: str, queries: torch.Tensor, keys: torch.Tensor, pro
     for t in range(prompt_len - observation_window, prompt_len):
         probs = _token_probs(queries[t], keys, kept & (positions <= t), scale)
         _add(stats, probs, kept & (positions <= t))
-    # The prompt's end: keep the budget by the same rule, one eviction at a time.
+    # The prompt's end: keep the budget by the same rule, one eviction at a time (scores do not
+    # change meanwhile, so for a single score that is keeping the best at once).
     for head in range(num_kv_heads):
+        if policy != "roco":
+            score = {"h2o": stats[head, 0], "tova": stats[head, 3], "snapkv": stats[head, 0]}[policy]
+            pinned = (positions < sink) | (positions > prompt_len - 1 - window)
+            ranked = score[:prompt_len].masked_fill(pinned[:prompt_len], float("inf"))
+            kept[head, :prompt_len] = False
+            kept[head, topk_prefer_recent(ranked, min(budget, prompt_len))] = True
         while int(kept[head].sum()) > budget:
             victim = _token_victim(policy, stats[head], kept[head], prompt_len - 1, sink, window,
                                    budget)
