@@ -31,7 +31,8 @@ import torch
 from vllm_kvevict.algorithms.attention_stats import (NUM_STATS, PageAttentionStats, accumulate,
                                                      page_attention_mass)
 from vllm_kvevict.algorithms.selection import topk_prefer_recent
-from vllm_kvevict.pages import BlockFormat, HostPageStore, PageStats, RequestPages, RowInput
+from vllm_kvevict.pages import (BlockFormat, HostPageStore, PageStats, RequestPages, RowInput,
+                                own_row_blocks)
 from vllm_kvevict.paging import PageLayout, cdiv
 
 
@@ -106,12 +107,9 @@ class AttentionStatsRuntime:
             state = self._state_for(row)
             seq_len = row.num_computed + row.num_new
             prefilling = row.num_computed < row.num_prompt
-            evicted = layout.evicted_pages(row.num_computed, prefilling)
+            evicted, positions, blocks = own_row_blocks(state, row, layout, self.num_layers,
+                                                        self.stats)
             num_pages = cdiv(seq_len, bs)
-            positions = [*range(min(evicted.start, num_pages)), *range(evicted.stop, num_pages)]
-            blocks = [int(row.block_row[p]) for p in positions]
-            self.stats.evicted += state.own(positions, blocks, self.num_layers)
-            state.num_tokens = seq_len
             if seq_len < row.num_prompt:
                 continue  # mid-prompt chunk: full attention, nothing observed
             if prefilling:

@@ -272,6 +272,21 @@ class RowInput:
     block_row: Sequence[int]  # block id per logical position (at least the pages touched)
 
 
+def own_row_blocks(state: RequestPages, row: RowInput, layout: PageLayout, num_layers: int,
+                   stats: PageStats) -> tuple[range, list[int], list[int]]:
+    """Make ``state`` own the blocks ``row`` holds after the scheduler's frees; returns the
+    evicted page range, the owned positions and their block ids. Dropped page copies count as
+    evicted."""
+    seq_len = row.num_computed + row.num_new
+    evicted = layout.evicted_pages(row.num_computed, row.num_computed < row.num_prompt)
+    num_pages = cdiv(seq_len, layout.block_size)
+    positions = [*range(min(evicted.start, num_pages)), *range(evicted.stop, num_pages)]
+    blocks = [int(row.block_row[p]) for p in positions]
+    stats.evicted += state.own(positions, blocks, num_layers)
+    state.num_tokens = seq_len
+    return evicted, positions, blocks
+
+
 @dataclasses.dataclass
 class RowSelection:
     row: int
@@ -359,12 +374,9 @@ class PageRuntime:
             state = self._state_for(row)
             seq_len = row.num_computed + row.num_new
             prefilling = row.num_computed < row.num_prompt
-            evicted = layout.evicted_pages(row.num_computed, prefilling)
+            evicted, positions, blocks = own_row_blocks(state, row, layout, self.num_layers,
+                                                        self.stats)
             num_pages = cdiv(seq_len, bs)
-            positions = [*range(min(evicted.start, num_pages)), *range(evicted.stop, num_pages)]
-            blocks = [int(row.block_row[p]) for p in positions]
-            self.stats.evicted += state.own(positions, blocks, self.num_layers)
-            state.num_tokens = seq_len
 
             num_full = seq_len // bs
             new_pages = range(len(state.host_ids), num_full)

@@ -40,6 +40,23 @@ def scheduler(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
+def run_checking_decodes(llm, check) -> tuple[dict[str, str], int]:
+    """Step ``llm`` until its requests finish, calling ``check(internal_id, request)`` after each
+    step for every request past its prompt; returns the finished texts by request id and the
+    number of checks made."""
+    sched = scheduler(llm)
+    texts, checked = {}, 0
+    while llm.llm_engine.has_unfinished_requests():
+        for output in llm.llm_engine.step():
+            if output.finished:
+                texts[output.request_id] = output.outputs[0].text
+        for internal_id, request in sched.requests.items():
+            if request.num_computed_tokens > request.num_prompt_tokens:
+                check(internal_id, request)
+                checked += 1
+    return texts, checked
+
+
 @pytest.fixture(scope="module")
 def llm_factory(model_path):
     """Build engines on demand; each is shut down at the end of the module."""

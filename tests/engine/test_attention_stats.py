@@ -2,7 +2,7 @@
 import pytest
 
 from tests.conftest import report
-from tests.engine.conftest import block_manager, close_llm, make_llm, scheduler
+from tests.engine.conftest import block_manager, close_llm, make_llm, run_checking_decodes
 
 pytestmark = pytest.mark.engine
 
@@ -21,22 +21,17 @@ def test_resident_blocks_stay_within_budget_while_pages_are_evicted(model_path, 
 
     llm = make_llm(model_path, policy, BUDGET)
     try:
-        manager, sched = block_manager(llm), scheduler(llm)
+        manager = block_manager(llm)
         trials = make_trials(AutoTokenizer.from_pretrained(model_path), PROMPT_TOKENS, TRIALS,
                              seed=5, depths=[0.3, 0.7])
         params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
         for i, trial in enumerate(trials):
             llm.llm_engine.add_request(f"s{i}", trial.prompt, params)
-        texts, checked = {}, 0
-        while llm.llm_engine.has_unfinished_requests():
-            for output in llm.llm_engine.step():
-                if output.finished:
-                    texts[output.request_id] = output.outputs[0].text
-            for internal_id, request in sched.requests.items():
-                if request.num_computed_tokens > request.num_prompt_tokens:
-                    resident = manager.num_resident_blocks(internal_id)
-                    assert resident <= BUDGET // manager.block_size + 1
-                    checked += 1
+
+        def within_budget(internal_id, request):
+            assert manager.num_resident_blocks(internal_id) <= BUDGET // manager.block_size + 1
+
+        texts, checked = run_checking_decodes(llm, within_budget)
         assert checked > 0 and len(texts) == TRIALS
         runtime = current_runtime()
         assert runtime.policy.name == policy

@@ -1,7 +1,7 @@
 """Quest on the real engine: every block stays resident, attention reads only the selection."""
 import pytest
 
-from tests.engine.conftest import block_manager, scheduler
+from tests.engine.conftest import block_manager, run_checking_decodes
 
 pytestmark = pytest.mark.engine
 
@@ -14,22 +14,18 @@ def test_all_blocks_resident_attention_over_top_k_and_passkeys_found(llm_factory
     from vllm_kvevict.eval.passkey import found, make_trials
 
     llm = llm_factory("quest", 512)
-    manager, sched = block_manager(llm), scheduler(llm)
+    manager = block_manager(llm)
     trials = make_trials(AutoTokenizer.from_pretrained(model_path), 4000, 3, seed=11,
                          depths=[0.2, 0.5, 0.8])
     params = SamplingParams(temperature=0, max_tokens=8)
     for i, trial in enumerate(trials):
         llm.llm_engine.add_request(f"q{i}", trial.prompt, params)
-    texts, checked = {}, 0
-    while llm.llm_engine.has_unfinished_requests():
-        for output in llm.llm_engine.step():
-            if output.finished:
-                texts[output.request_id] = output.outputs[0].text
-        for internal_id, request in sched.requests.items():
-            if request.num_computed_tokens > request.num_prompt_tokens:
-                needed = -(-request.num_computed_tokens // manager.block_size)
-                assert manager.num_resident_blocks(internal_id) >= needed  # nothing freed
-                checked += 1
+
+    def nothing_freed(internal_id, request):
+        needed = -(-request.num_computed_tokens // manager.block_size)
+        assert manager.num_resident_blocks(internal_id) >= needed
+
+    texts, checked = run_checking_decodes(llm, nothing_freed)
     assert checked > 0
     runtime = current_runtime()
     assert runtime.stats.selections > 0 and runtime.stats.recalled == 0

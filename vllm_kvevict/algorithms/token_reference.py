@@ -36,6 +36,12 @@ def _token_probs(query: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor,
     return logits.softmax(-1).mean(1)
 
 
+def _single_score(policy: str, head_stats: torch.Tensor) -> torch.Tensor:
+    """Per-token score (higher = keep) of the one-statistic rules from ``[NUM_STATS, T]``."""
+    total, _, _, last = head_stats
+    return last if policy == "tova" else total  # h2o, snapkv: accumulated attention
+
+
 def _token_victim(policy: str, stats: torch.Tensor, kept: torch.Tensor, t: int, sink: int,
                   window: int, budget: int) -> int:
     """The token one KV head evicts at step ``t`` (all tokens ``<= t`` exist)."""
@@ -51,8 +57,7 @@ def _token_victim(policy: str, stats: torch.Tensor, kept: torch.Tensor, t: int, 
         scope[sigma.topk(budget - int(0.3 * budget), largest=False).indices] = True
         score = mean.masked_fill(~(scope & candidates), float("inf"))
     else:
-        score = {"h2o": total, "tova": last, "snapkv": total}[policy]
-        score = score.masked_fill(~candidates, float("inf"))
+        score = _single_score(policy, stats).masked_fill(~candidates, float("inf"))
     return int(score.argmin())
 
 
@@ -72,7 +77,7 @@ def token_level_keep(policy: str, queries: torch.Tensor, keys: torch.Tensor, pro
     # change meanwhile, so for a single score that is keeping the best at once).
     for head in range(num_kv_heads):
         if policy != "roco":
-            score = {"h2o": stats[head, 0], "tova": stats[head, 3], "snapkv": stats[head, 0]}[policy]
+            score = _single_score(policy, stats[head])
             pinned = (positions < sink) | (positions > prompt_len - 1 - window)
             ranked = score[:prompt_len].masked_fill(pinned[:prompt_len], float("inf"))
             kept[head, :prompt_len] = False
