@@ -15,7 +15,7 @@ def test_all_benchmarks_quick(tmp_path, model_path):
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     result = subprocess.run([sys.executable, "-m", "vllm_kvevict.bench", "all", "--quick",
                              "--out", str(tmp_path)], env=env, capture_output=True, text=True,
-                            timeout=3000)
+                            timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     for name in NAMES:
         payload = json.loads((tmp_path / f"{name}.json").read_text())
@@ -27,7 +27,7 @@ def test_all_benchmarks_quick(tmp_path, model_path):
     assert [r["policy"] for r in latency] == ["none", "arkvale", "arkvale"]
     assert all(r["steps"] >= 10 and r["median_ms"] > 0 for r in latency)
     throughput = json.loads((tmp_path / "throughput.json").read_text())["results"]
-    assert {r["policy"] for r in throughput} == {"none", "streamingllm", "arkvale"}
+    assert [r["policy"] for r in throughput] == ["none", "arkvale"]
     assert all(r["output_tokens"] == 4 * 16 for r in throughput)
     policies = json.loads((tmp_path / "policies.json").read_text())["cells"]
     assert [c["policy"] for c in policies] == ["none", "h2o", "tova", "roco", "snapkv"]

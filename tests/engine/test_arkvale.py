@@ -6,8 +6,9 @@ from tests.engine.conftest import block_manager, scheduler, start_llm_in_subproc
 
 pytestmark = pytest.mark.engine
 
-BUDGET = 512
-TRIALS_PER_LENGTH = 10
+BUDGET = 256
+PROMPT_TOKENS = 1500
+TRIALS = 5
 
 
 def _filler_prompt(tokenizer, num_tokens: int, tag: str) -> str:
@@ -38,9 +39,8 @@ def trials(model_path):
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     # Depths spread over the prompt, away from the recent window that any policy keeps.
-    depths = [0.05 + 0.85 * i / (TRIALS_PER_LENGTH - 1) for i in range(TRIALS_PER_LENGTH)]
-    return {length: make_trials(tokenizer, length, TRIALS_PER_LENGTH, seed=3, depths=depths)
-            for length in (4000, 7000)}
+    depths = [0.05 + 0.7 * i / (TRIALS - 1) for i in range(TRIALS)]
+    return make_trials(tokenizer, PROMPT_TOKENS, TRIALS, seed=3, depths=depths)
 
 
 def _found(llm, trials):
@@ -61,7 +61,7 @@ def test_resident_blocks_within_budget_while_pages_are_recalled(arkvale_llm, tri
     budget_pages = BUDGET // manager.block_size
     recalled_before = _runtime().stats.recalled if _runtime() else 0
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    prompts = {f"pk{i}": trial.prompt for i, trial in enumerate(trials[4000][:3])}
+    prompts = {f"pk{i}": trial.prompt for i, trial in enumerate(trials[:3])}
     for req_id, prompt in prompts.items():
         llm.llm_engine.add_request(req_id, prompt, params)
     peak, steps_after_prefill = {}, 0
@@ -78,25 +78,20 @@ def test_resident_blocks_within_budget_while_pages_are_recalled(arkvale_llm, tri
 
 
 def test_passkey_arkvale_keeps_what_none_finds(llm_factory, arkvale_llm, trials):
-    """10 trials at ~4k and 10 at ~7k tokens, the same trials for every policy. Criterion, as
-    the paper reports accuracy: over these trials, arkvale finds at least 90% as many keys as
-    none (a single trial flips with batch numerics, so the two lengths are pooled)."""
+    """The same ~1.5k-token trials (6x the budget) for every policy. Criterion: arkvale misses at
+    most one key that none finds (one trial may flip with batch numerics), and finds clearly
+    more than streamingllm, which keeps only the sinks and the window. The passkey benchmark
+    measures the same at more lengths and trials."""
     none_llm = llm_factory("none", block_size=32)
     streaming = llm_factory("streamingllm", BUDGET)
-    totals = {"none": 0, "arkvale": 0, "streamingllm": 0}
-    for length, batch in trials.items():
-        by_policy = {"none": _found(none_llm, batch), "arkvale": _found(arkvale_llm, batch),
-                     "streamingllm": _found(streaming, batch)}
-        counts = {policy: sum(hits) for policy, hits in by_policy.items()}
-        both = sum(a and n for a, n in zip(by_policy["arkvale"], by_policy["none"]))
-        report(f"passkey ~{length} tokens, budget {BUDGET}, {TRIALS_PER_LENGTH} trials: "
-               + ", ".join(f"{policy} {n}/{TRIALS_PER_LENGTH}" for policy, n in counts.items())
-               + f" (found by both none and arkvale: {both})")
-        assert counts["none"] >= TRIALS_PER_LENGTH // 2  # the model can do the task here
-        for policy, n in counts.items():
-            totals[policy] += n
-    assert totals["arkvale"] >= 0.9 * totals["none"], totals
-    assert totals["arkvale"] > totals["streamingllm"] + TRIALS_PER_LENGTH, totals
+    by_policy = {"none": _found(none_llm, trials), "arkvale": _found(arkvale_llm, trials),
+                 "streamingllm": _found(streaming, trials)}
+    counts = {policy: sum(hits) for policy, hits in by_policy.items()}
+    report(f"passkey ~{PROMPT_TOKENS} tokens, budget {BUDGET}, {TRIALS} trials: "
+           + ", ".join(f"{policy} {n}/{TRIALS}" for policy, n in counts.items()))
+    assert counts["none"] >= TRIALS - 1, counts  # the model can do the task here
+    assert counts["arkvale"] >= counts["none"] - 1, counts
+    assert counts["arkvale"] >= counts["streamingllm"] + TRIALS // 2, counts
 
 
 def test_aborted_and_finished_requests_leave_no_state(arkvale_llm, model_path):
@@ -108,7 +103,7 @@ def test_aborted_and_finished_requests_leave_no_state(arkvale_llm, model_path):
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     ids = [f"load{i}" for i in range(6)]
     for i, req_id in enumerate(ids):
-        llm.llm_engine.add_request(req_id, _filler_prompt(tokenizer, 900 + 400 * i, req_id), params)
+        llm.llm_engine.add_request(req_id, _filler_prompt(tokenizer, 500 + 300 * i, req_id), params)
     for _ in range(12):  # prompts processed, some decode steps done
         llm.llm_engine.step()
     assert _runtime().store.used_pages > 0 and manager.host_reserved_total > 0

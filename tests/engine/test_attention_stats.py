@@ -8,7 +8,7 @@ pytestmark = pytest.mark.engine
 
 BUDGET = 512
 TRIALS = 2
-PROMPT_TOKENS = 2000
+PROMPT_TOKENS = 1500
 
 
 @pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv"])
@@ -35,8 +35,8 @@ def test_resident_blocks_stay_within_budget_while_pages_are_evicted(model_path, 
         assert checked > 0 and len(texts) == TRIALS
         runtime = current_runtime()
         assert runtime.policy.name == policy
-        # ~62 prompt pages down to 16 at the prompt's end, in every layer.
-        assert runtime.stats.evicted >= TRIALS * 40 * runtime.num_layers
+        # ~47 prompt pages down to 16 at the prompt's end, in every layer.
+        assert runtime.stats.evicted >= TRIALS * 25 * runtime.num_layers
         hits = sum(found(t, texts[f"s{i}"]) for i, t in enumerate(trials))
         report(f"{policy} at budget {BUDGET}: {hits}/{TRIALS} passkeys at ~{PROMPT_TOKENS} tokens")
     finally:

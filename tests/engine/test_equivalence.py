@@ -22,8 +22,8 @@ def _prompts() -> list[str]:
         "The capital of France is",
         "def fibonacci(n):\n    ",
         "Write a short poem about the sea.\n",
-        "Once upon a time, " + FILLER * 60 + "In the end,",
-        FILLER * 150 + "Summarize the text above in one sentence:",
+        "Once upon a time, " + FILLER * 30 + "In the end,",
+        FILLER * 60 + "Summarize the text above in one sentence:",
     ]
 
 

@@ -71,9 +71,9 @@ def passkey_trials(model_path):
     from vllm_kvevict.eval.passkey import make_trials
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    middle = make_trials(tokenizer, 4000, 3, depths=[0.3, 0.5, 0.7])
-    # ~200 tokens before the question: inside a 512-token budget's recent window.
-    recent = make_trials(tokenizer, 4000, 1, seed=1, depths=[0.95])
+    middle = make_trials(tokenizer, 2000, 3, depths=[0.3, 0.5, 0.7])
+    # ~100 tokens before the question: inside a 512-token budget's recent window.
+    recent = make_trials(tokenizer, 2000, 1, seed=1, depths=[0.95])
     return middle, recent
 
 

@@ -17,12 +17,12 @@ ALL_POLICIES = ["none", "streamingllm", "h2o", "tova", "roco", "snapkv", "quest"
 SETTINGS = {
     "passkey": ({"lengths": [1000, 2000, 4000, 7000], "budgets": [256, 512, 1024, 2048],
                  "policies": ["none", "streamingllm", "arkvale", "quest"], "trials": 20},
-                {"lengths": [1000, 2000], "budgets": [256], "policies":
+                {"lengths": [1000], "budgets": [256], "policies":
                  ["none", "streamingllm", "arkvale"], "trials": 2}),
     # The policy family side by side at the cells (passkey's engine, own file).
     "policies": ({"lengths": [4000, 7000], "budgets": [512, 1024], "policies": ALL_POLICIES,
                   "trials": 10},
-                 {"lengths": [1000], "budgets": [256],
+                 {"lengths": [600], "budgets": [256],
                   "policies": ["none", "h2o", "tova", "roco", "snapkv"], "trials": 1}),
     # Page-level attention-statistics policies vs their token-level references (transformers).
     "reference": ({"prompt_tokens": 2000, "answer_tokens": 64, "budgets": [256, 512],
@@ -31,17 +31,17 @@ SETTINGS = {
                    "policies": STATS_POLICIES, "trials": 1, "layers": [0, 29]}),
     "perplexity": ({"num_tokens": 7000, "prefix": 256, "budgets": [512, 1024],
                     "policies": ALL_POLICIES},
-                   {"num_tokens": 800, "prefix": 256, "budgets": [256],
-                    "policies": ["none", "streamingllm", "arkvale"]}),
+                   {"num_tokens": 600, "prefix": 256, "budgets": [256],
+                    "policies": ["none", "arkvale"]}),
     "latency": ({"prompt_tokens": 7000, "new_tokens": 256, "budgets": [512, 1024, 2048]},
-                {"prompt_tokens": 1500, "new_tokens": 16, "budgets": [256]}),
+                {"prompt_tokens": 800, "new_tokens": 16, "budgets": [256]}),
     "recall": ({"prompt_tokens": 4000, "new_tokens": 16, "budgets": [256, 512, 1024],
                 "trials": 10},
-               {"prompt_tokens": 1500, "new_tokens": 8, "budgets": [256], "trials": 2}),
+               {"prompt_tokens": 1000, "new_tokens": 8, "budgets": [256], "trials": 2}),
     "throughput": ({"num_requests": 16, "prompt_tokens": 4000, "max_tokens": 128, "budget": 512,
                     "num_blocks": 600, "policies": ["none", "streamingllm", "arkvale", "quest"]},
-                   {"num_requests": 4, "prompt_tokens": 1200, "max_tokens": 16, "budget": 256,
-                    "num_blocks": 100, "policies": ["none", "streamingllm", "arkvale"]}),
+                   {"num_requests": 4, "prompt_tokens": 600, "max_tokens": 16, "budget": 256,
+                    "num_blocks": 60, "policies": ["none", "arkvale"]}),
 }
 
 
