@@ -42,10 +42,22 @@ SETTINGS = {
                     "num_blocks": 600, "policies": ["none", "streamingllm", "arkvale", "quest"]},
                    {"num_requests": 4, "prompt_tokens": 600, "max_tokens": 16, "budget": 256,
                     "num_blocks": 60, "policies": ["none", "arkvale"]}),
+    # Triton kernels on synthetic K/V (GPU; --quick runs them through the interpreter on CPU).
+    "kernels": ({"contexts": [8192, 32768, 131072], "batches": [1, 8, 32],
+                 "budgets": [1024, 2048, 4096], "page_size": 32, "num_q_heads": 32,
+                 "num_kv_heads": 8, "head_dim": 128, "repeats": 20},
+                {"contexts": [256], "batches": [2], "budgets": [64], "page_size": 16,
+                 "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 32, "repeats": 1}),
 }
+# Not part of `all`: it needs a GPU to mean anything, and no model.
+NOT_IN_ALL = {"kernels"}
 
 
 def _runner(name: str):
+    if name == "kernels":
+        from vllm_kvevict.bench import kernels
+
+        return kernels.run
     from vllm_kvevict.bench import latency, passkey, perplexity, recall, reference, throughput
 
     return {"passkey": passkey.run, "policies": functools.partial(passkey.run, name="policies"),
@@ -63,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from vllm_kvevict.bench.common import bundled_model
 
-    model = bundled_model()
-    names = list(SETTINGS) if args.command == "all" else [args.command]
+    names = ([n for n in SETTINGS if n not in NOT_IN_ALL] if args.command == "all"
+             else [args.command])
+    model = None if names == ["kernels"] else bundled_model()
     for name in names:
         settings = dict(SETTINGS[name][1 if args.quick else 0])
         for item in args.set:

@@ -1,0 +1,64 @@
+"""Batched scoring kernel and one-top-k selection against the per-request torch reference."""
+import pytest
+import torch
+
+from vllm_kvevict.algorithms.digest import score_pages
+from vllm_kvevict.algorithms.selection import select_pages
+from vllm_kvevict.kernels.scoring import score_batch, selected_blocks, top_pages
+
+
+def _ragged_batch(num_q_heads=8, num_kv_heads=2, head_dim=64):
+    torch.manual_seed(1)
+    hi = torch.randn(40, num_kv_heads, head_dim)
+    lo = hi - torch.rand(40, num_kv_heads, head_dim)
+    query = torch.randn(4, num_q_heads, head_dim)
+    num_pages = torch.tensor([23, 5, 1, 12])
+    slots = torch.stack([torch.randperm(40)[:23] for _ in range(4)])
+    return query, hi, lo, slots, num_pages
+
+
+@pytest.mark.parametrize("per_kv_head", [False, True])
+@pytest.mark.parametrize("sink, window", [(1, 2), (0, 0), (2, 4)])
+def test_scores_match_reference_with_pins_and_ragged_pages(per_kv_head, sink, window):
+    query, hi, lo, slots, num_pages = _ragged_batch()
+    scores = score_batch(query, hi, lo, slots, num_pages, sink, window, per_kv_head,
+                         block_pages=8)  # several page runs per request
+    for b, n in enumerate(num_pages.tolist()):
+        rows = slots[b, :n]
+        ref = score_pages(query[b], hi[rows], lo[rows], per_kv_head=per_kv_head)
+        got = scores[b][..., :n]
+        pinned = torch.zeros(n, dtype=torch.bool)
+        pinned[:sink] = True
+        if window:
+            pinned[max(0, n - window):] = True
+        assert torch.isinf(got[..., pinned]).all() and (got[..., pinned] > 0).all()
+        torch.testing.assert_close(got[..., ~pinned], ref[..., ~pinned], rtol=1e-5, atol=1e-5)
+        assert (scores[b][..., n:] == float("-inf")).all()
+
+
+def test_gqa_group_of_one_and_head_dim_not_a_power_of_two():
+    query, hi, lo, slots, num_pages = _ragged_batch(num_q_heads=2, num_kv_heads=2, head_dim=40)
+    scores = score_batch(query, hi, lo, slots, num_pages, 0, 0)
+    ref = score_pages(query[0], hi[slots[0]], lo[slots[0]])
+    torch.testing.assert_close(scores[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_one_top_k_equals_per_request_selection():
+    query, hi, lo, slots, num_pages = _ragged_batch()
+    sink, window, top_k = 1, 2, 3
+    pages, counts = top_pages(score_batch(query, hi, lo, slots, num_pages, sink, window),
+                              sink + window + top_k)
+    for b, n in enumerate(num_pages.tolist()):
+        rows = slots[b, :n]
+        expected = select_pages(score_pages(query[b], hi[rows], lo[rows]), sink, window, top_k)
+        assert counts[b] == expected.numel()
+        assert pages[b, :counts[b]].tolist() == expected.tolist()
+        assert (pages[b, counts[b]:] == -1).all()
+
+
+def test_selected_pages_to_blocks_and_token_counts():
+    pages = torch.tensor([[0, 2, 3], [1, -1, -1]])
+    block_table = torch.tensor([[7, 4, 9, 2], [5, 6, 0, 0]])
+    blocks, tokens = selected_blocks(pages, block_table, torch.tensor([100, 40]), 32)
+    assert blocks[0].tolist() == [7, 9, 2] and blocks[1, 0] == 6
+    assert tokens.tolist() == [[32, 32, 4], [8, 0, 0]]  # last pages: 100-96 and 40-32 tokens
