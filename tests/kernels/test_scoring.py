@@ -7,27 +7,27 @@ from vllm_kvevict.algorithms.selection import select_pages
 from vllm_kvevict.kernels.scoring import score_batch, selected_blocks, top_pages
 
 
-def _ragged_batch(num_q_heads=8, num_kv_heads=2, head_dim=64):
+def _ragged_batch(device, num_q_heads=8, num_kv_heads=2, head_dim=64):
     torch.manual_seed(1)
     hi = torch.randn(40, num_kv_heads, head_dim)
     lo = hi - torch.rand(40, num_kv_heads, head_dim)
     query = torch.randn(4, num_q_heads, head_dim)
     num_pages = torch.tensor([23, 5, 1, 12])
     slots = torch.stack([torch.randperm(40)[:23] for _ in range(4)])
-    return query, hi, lo, slots, num_pages
+    return tuple(t.to(device) for t in (query, hi, lo, slots, num_pages))
 
 
 @pytest.mark.parametrize("per_kv_head", [False, True])
 @pytest.mark.parametrize("sink, window", [(1, 2), (0, 0), (2, 4)])
-def test_scores_match_reference_with_pins_and_ragged_pages(per_kv_head, sink, window):
-    query, hi, lo, slots, num_pages = _ragged_batch()
+def test_scores_match_reference_with_pins_and_ragged_pages(per_kv_head, sink, window, device):
+    query, hi, lo, slots, num_pages = _ragged_batch(device)
     scores = score_batch(query, hi, lo, slots, num_pages, sink, window, per_kv_head,
                          block_pages=8)  # several page runs per request
     for b, n in enumerate(num_pages.tolist()):
         rows = slots[b, :n]
         ref = score_pages(query[b], hi[rows], lo[rows], per_kv_head=per_kv_head)
         got = scores[b][..., :n]
-        pinned = torch.zeros(n, dtype=torch.bool)
+        pinned = torch.zeros(n, dtype=torch.bool, device=device)
         pinned[:sink] = True
         if window:
             pinned[max(0, n - window):] = True
@@ -36,15 +36,15 @@ def test_scores_match_reference_with_pins_and_ragged_pages(per_kv_head, sink, wi
         assert (scores[b][..., n:] == float("-inf")).all()
 
 
-def test_gqa_group_of_one_and_head_dim_not_a_power_of_two():
-    query, hi, lo, slots, num_pages = _ragged_batch(num_q_heads=2, num_kv_heads=2, head_dim=40)
+def test_gqa_group_of_one_and_head_dim_not_a_power_of_two(device):
+    query, hi, lo, slots, num_pages = _ragged_batch(device, num_q_heads=2, num_kv_heads=2, head_dim=40)
     scores = score_batch(query, hi, lo, slots, num_pages, 0, 0)
     ref = score_pages(query[0], hi[slots[0]], lo[slots[0]])
     torch.testing.assert_close(scores[0], ref, rtol=1e-5, atol=1e-5)
 
 
-def test_one_top_k_equals_per_request_selection():
-    query, hi, lo, slots, num_pages = _ragged_batch()
+def test_one_top_k_equals_per_request_selection(device):
+    query, hi, lo, slots, num_pages = _ragged_batch(device)
     sink, window, top_k = 1, 2, 3
     pages, counts = top_pages(score_batch(query, hi, lo, slots, num_pages, sink, window),
                               sink + window + top_k)
