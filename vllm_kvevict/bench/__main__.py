@@ -72,7 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/bench", help="directory for JSON/markdown/PNG")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set trials=10 --set budgets=256,512")
+    parser.add_argument("--merge", action="append", default=[], metavar="JSON",
+                        help="passkey/policies only: run nothing, write one table and plot from "
+                             "the cells of these earlier runs' JSON files")
     args = parser.parse_args(argv)
+    if args.merge:
+        if args.command not in ("passkey", "policies"):
+            parser.error("--merge applies to passkey and policies results only")
+        from vllm_kvevict.bench import passkey
+
+        try:
+            passkey.merge(args.out, args.command, args.merge)
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"cannot merge: {e}")
+        print(f"[bench] {args.command}: merged {len(args.merge)} runs -> "
+              f"{args.out}/{args.command}.md", file=sys.stderr)
+        return 0
     from vllm_kvevict.bench.common import bundled_model
 
     names = ([n for n in SETTINGS if n not in NOT_IN_ALL] if args.command == "all"

@@ -1,7 +1,9 @@
 """Passkey retrieval accuracy per policy, budget, prompt length and needle depth."""
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -46,12 +48,51 @@ def run(model_path: str, out_dir: str, lengths: list[int], budgets: list[int],
     return payload
 
 
+def merge(out_dir: str, name: str, sources: list[str]) -> dict:
+    """Writes ``{out_dir}/{name}.{json,md,png}`` from the cells of earlier runs' JSON files.
+
+    Each (policy, budget, length) cell must come from exactly one source; cells keep their own
+    trial counts, which the table shows.
+    """
+    payloads = [json.loads(Path(source).read_text()) for source in sources]
+    cells, origin = [], {}
+    for source, payload in zip(sources, payloads):
+        for c in payload["cells"]:
+            key = (c["policy"], c["budget"], c["length"])
+            if key in origin:
+                raise ValueError(f"{label(c['policy'], c['budget'])} at ~{c['length']} tokens is "
+                                 f"in both {origin[key]} and {source}")
+            origin[key] = source
+            cells.append(c)
+    policies = sorted({c["policy"] for c in cells}, key=lambda p: (p != "none", _first(cells, p)))
+    rank = {p: i for i, p in enumerate(policies)}
+    cells.sort(key=lambda c: (rank[c["policy"]], c["budget"] or 0, c["length"]))
+    lengths = sorted({c["length"] for c in cells})
+    budgets = sorted({c["budget"] for c in cells if c["budget"] is not None})
+    merged = {"environment": payloads[-1]["environment"],
+              "settings": {"merged_from": [{"date": p["environment"].get("date"),
+                                            **p["settings"]} for p in payloads]},
+              "cells": cells}
+    write_results(out_dir, name, merged, _table(cells, lengths))
+    _plot(cells, lengths, budgets, policies, out_dir, name)
+    return merged
+
+
+def _first(cells, policy) -> int:
+    return next(i for i, c in enumerate(cells) if c["policy"] == policy)
+
+
 def _table(cells, lengths) -> str:
     by_config = defaultdict(dict)
     for c in cells:
         by_config[label(c["policy"], c["budget"])][c["length"]] = c
-    rows = [[name] + [f"{100 * by_config[name][n]['accuracy']:.0f}%" for n in lengths]
-            for name in by_config]
+
+    def cell(c) -> str:
+        if c is None:
+            return "not run"
+        return f"{100 * c['accuracy']:.0f}% ({sum(c['found'])}/{len(c['found'])})"
+
+    rows = [[name] + [cell(by_config[name].get(n)) for n in lengths] for name in by_config]
     return ("Passkey accuracy (5-digit key, greedy, exact match), needle depths spread over "
             "0..1.\n\n" + markdown_table(["policy@budget"] + [f"~{n} tokens" for n in lengths],
                                           rows))

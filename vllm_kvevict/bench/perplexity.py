@@ -53,7 +53,7 @@ def run(model_path: str, out_dir: str, num_tokens: int, prefix: int, budgets: li
                             extra_args={FORCED_TOKENS_KEY: forced})
     configs = [(p, None) if p == "none" else (p, b) for p in policies
                for b in ([None] if p == "none" else budgets)]
-    rows = []
+    rows, payload = [], {}
     for policy, budget in tqdm(configs, desc="perplexity"):
         llm = offline_llm(model_path, policy, budget, logits_processors=[ForcedTokens])
         try:
@@ -67,9 +67,15 @@ def run(model_path: str, out_dir: str, num_tokens: int, prefix: int, budgets: li
         nll = -sum(logprobs) / len(logprobs)
         rows.append({"policy": policy, "budget": budget, "perplexity": math.exp(nll),
                      "mean_nll": nll, "forced_tokens": len(forced)})
+        # Rewritten after every config, so a long run that is stopped keeps what it measured.
+        payload = _write(rows, out_dir, model_path, source, len(ids), prefix, budgets, policies)
+    return payload
+
+
+def _write(rows, out_dir, model_path, source, num_tokens, prefix, budgets, policies) -> dict:
     base = next((r["perplexity"] for r in rows if r["policy"] == "none"), None)
     payload = {"environment": environment(model_path),
-               "settings": {"text": source, "num_tokens": len(ids), "prefix": prefix,
+               "settings": {"text": source, "num_tokens": num_tokens, "prefix": prefix,
                             "budgets": budgets, "policies": policies},
                "results": rows}
     table = markdown_table(
@@ -77,11 +83,10 @@ def run(model_path: str, out_dir: str, num_tokens: int, prefix: int, budgets: li
         [[label(r["policy"], r["budget"]), f"{r['perplexity']:.3f}",
           f"{r['perplexity'] / base:.3f}x" if base else "-"] for r in rows])
     write_results(out_dir, "perplexity", payload,
-                  f"Teacher-forced perplexity of `{source}` ({len(ids)} tokens, the first "
+                  f"Teacher-forced perplexity of `{source}` ({num_tokens} tokens, the first "
                   f"{prefix} as prompt, the rest forced through decode steps).\n\n" + table)
     _plot(rows, out_dir)
     return payload
-
 
 
 def _plot(rows, out_dir) -> None:
