@@ -5,6 +5,11 @@ comparison does not depend on how the platform sizes the cache) and the same loa
 completions with long prompts and ``max_tokens`` generated tokens each. Reported: the most
 requests running at once (polled from the server's Prometheus ``/metrics``), output tokens/s and
 total time, each as a ratio to ``none`` from the same run.
+
+Prompts are passkey prompts, whose filler is shared text; each starts with its own line so that
+no KV block is common to two requests. Otherwise ``none`` would reuse the shared filler through
+prefix caching (off under evicting policies, whose blocks cannot be shared) and the comparison
+would measure prefix reuse, not eviction.
 """
 from __future__ import annotations
 
@@ -95,6 +100,11 @@ def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
             "most_running": most_running}
 
 
+def distinct_prompt(index: int, prompt: str) -> str:
+    """``prompt`` behind a first line unique to ``index``: no prefix block is shared."""
+    return f"Request {index}.\n{prompt}"
+
+
 def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, max_tokens: int,
         budget: int, num_blocks: int, policies: list[str]) -> dict:
     from transformers import AutoTokenizer
@@ -102,8 +112,9 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
     from vllm_kvevict.eval.passkey import make_trial
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts = [make_trial(tokenizer, prompt_tokens, (i + 0.5) / num_requests,
-                          str(10000 + 7919 * i)).prompt for i in range(num_requests)]
+    prompts = [distinct_prompt(i, make_trial(tokenizer, prompt_tokens, (i + 0.5) / num_requests,
+                                             str(10000 + 7919 * i)).prompt)
+               for i in range(num_requests)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -129,7 +140,8 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
     payload = {"environment": environment(model_path),
                "settings": {"num_requests": num_requests, "prompt_tokens": prompt_tokens,
                             "max_tokens": max_tokens, "budget": budget, "kv_blocks": num_blocks,
-                            "block_size": BLOCK_SIZE, "policies": policies},
+                            "block_size": BLOCK_SIZE, "policies": policies,
+                            "prompts": "distinct from the first block"},
                "results": rows}
     table = markdown_table(
         ["policy@budget", "most running", "output tok/s", "total s", "concurrency vs none",
@@ -140,7 +152,8 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
     write_results(out_dir, "throughput", payload,
                   f"{num_requests} concurrent completions, ~{prompt_tokens}-token prompts, "
                   f"{max_tokens} tokens each, KV pool of {num_blocks} blocks of {BLOCK_SIZE} "
-                  f"tokens for every policy; `vllm serve` + OpenAI client.\n\n" + table)
+                  f"tokens for every policy, prompts distinct from their first block (no prefix "
+                  f"reuse); `vllm serve` + OpenAI client.\n\n" + table)
     _plot(rows, out_dir)
     return payload
 
