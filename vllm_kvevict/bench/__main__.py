@@ -16,7 +16,7 @@ ALL_POLICIES = ["none", "streamingllm", "h2o", "tova", "roco", "snapkv", "quest"
 # name -> (full settings, --quick settings)
 SETTINGS = {
     "passkey": ({"lengths": [1000, 2000, 4000, 7000], "budgets": [256, 512, 1024, 2048],
-                 "policies": ["none", "streamingllm", "arkvale", "quest"], "trials": 20},
+                 "policies": ALL_POLICIES, "trials": 20},
                 {"lengths": [1000], "budgets": [256], "policies":
                  ["none", "streamingllm", "arkvale"], "trials": 2}),
     # The policy family side by side at the cells (passkey's engine, own file).

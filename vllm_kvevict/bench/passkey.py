@@ -105,10 +105,13 @@ def _plot(cells, lengths, budgets, policies, out_dir, name) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    evicting = [p for p in policies if p != "none"]
-    fig, axes = plt.subplots(1, len(evicting) + 1, figsize=(4 * (len(evicting) + 1), 3.5),
-                             squeeze=False)
-    for ax, policy in zip(axes[0], ["none"] + evicting):
+    panels = ["none"] + [p for p in policies if p != "none"]
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, policy in zip(axes.flat, panels):
         rows = [None] if policy == "none" else budgets
         grid = np.full((len(rows), len(lengths)), np.nan)
         for c in cells:
