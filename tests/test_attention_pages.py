@@ -85,3 +85,20 @@ def test_release_forgets_the_request():
     eng.step({"a": 10 * BS}, {"a": 10 * BS}, {})
     eng.runtime.release("a")
     assert eng.runtime.requests == {}
+
+
+def test_request_recomputed_from_scratch_starts_over():
+    eng = engine("h2o")
+    prompt = 10 * BS
+    eng.step({"a": prompt}, {"a": prompt}, favour={"a": 2})
+    eng.step({"a": 1}, {"a": prompt}, favour={"a": 2})
+    before = eng.runtime.requests["a"]
+    # Preempted, then resumed: the scheduler recomputes the prompt into fresh blocks.
+    eng.computed["a"] = 0
+    eng.tables["a"] = []
+    eng.step({"a": prompt}, {"a": prompt}, favour={"a": 5})
+    eng.step({"a": 1}, {"a": prompt}, favour={"a": 5})
+    eng.check_invariants("a")
+    assert eng.runtime.requests["a"] is not before
+    for pages in held_pages(eng):
+        assert 5 in pages

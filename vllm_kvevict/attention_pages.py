@@ -31,8 +31,8 @@ import torch
 from vllm_kvevict.algorithms.attention_stats import (NUM_STATS, PageAttentionStats, accumulate,
                                                      page_attention_mass)
 from vllm_kvevict.algorithms.selection import topk_prefer_recent
-from vllm_kvevict.pages import (BlockFormat, HostPageStore, PageStats, RequestPages, RowInput,
-                                own_row_blocks)
+from vllm_kvevict.pages import (BlockFormat, HostPageStore, PageStats, RequestPages,
+                                RequestRegistry, RowInput, own_row_blocks)
 from vllm_kvevict.paging import PageLayout, cdiv
 
 
@@ -61,7 +61,7 @@ class StatsStepPlan:
         return not self.observed
 
 
-class AttentionStatsRuntime:
+class AttentionStatsRuntime(RequestRegistry):
     """Per-worker page bookkeeping of one KV-cache group under an attention-statistics policy."""
 
     recalls = False
@@ -85,17 +85,6 @@ class AttentionStatsRuntime:
 
     def bind(self, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int, scale: float) -> None:
         self.scale = scale
-
-    # --- request lifetime ------------------------------------------------------------------
-
-    def release(self, req_id: str) -> None:
-        self.requests.pop(req_id, None)
-
-    def _state_for(self, row: RowInput) -> RequestPages:
-        state = self.requests.get(row.req_id)
-        if state is None or row.num_computed < state.num_tokens:  # new, or recomputed
-            state = self.requests[row.req_id] = RequestPages()
-        return state
 
     # --- per step ------------------------------------------------------------------------------
 

@@ -315,7 +315,35 @@ class StepPlan:
         return not (self.backup_blocks.numel() or self.selections or self.prefill_ends)
 
 
-class PageRuntime:
+class RequestRegistry:
+    """The page state of each request a worker runs.
+
+    A request seen again with fewer computed tokens than its state records was preempted and is
+    recomputed from scratch: its state (and host pages) are dropped and it starts over.
+    Subclasses provide ``requests``, ``store`` and ``recalls`` (host pages held only if true).
+    """
+
+    requests: dict[str, RequestPages]
+    store: HostPageStore
+    recalls: bool
+
+    def release(self, req_id: str) -> None:
+        """Forget a finished, aborted or preempted request and free its host pages."""
+        state = self.requests.pop(req_id, None)
+        if state is not None and self.recalls:
+            self.store.release(state.host_ids)
+
+    def _state_for(self, row: RowInput) -> RequestPages:
+        state = self.requests.get(row.req_id)
+        if state is not None and row.num_computed < state.num_tokens:
+            self.release(row.req_id)
+            state = None
+        if state is None:
+            state = self.requests[row.req_id] = RequestPages()
+        return state
+
+
+class PageRuntime(RequestRegistry):
     """Per-worker page bookkeeping of one KV-cache group under a selecting policy."""
 
     def __init__(self, layout: PageLayout, policy, digest: str, sparse_attention: bool,
@@ -343,23 +371,6 @@ class PageRuntime:
     def bind(self, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int, scale: float) -> None:
         """Allocate the host store and digests once the KV cache exists."""
         self.store.bind(kv_cache, self.format, num_kv_heads, head_dim)
-
-    # --- request lifetime ------------------------------------------------------------------
-
-    def release(self, req_id: str) -> None:
-        """Forget a finished, aborted or preempted request and free its host pages."""
-        state = self.requests.pop(req_id, None)
-        if state is not None and self.recalls:
-            self.store.release(state.host_ids)
-
-    def _state_for(self, row: RowInput) -> RequestPages:
-        state = self.requests.get(row.req_id)
-        if state is not None and row.num_computed < state.num_tokens:
-            self.release(row.req_id)  # recomputed from scratch (preempted and resumed)
-            state = None
-        if state is None:
-            state = self.requests[row.req_id] = RequestPages()
-        return state
 
     # --- per step ------------------------------------------------------------------------------
 
