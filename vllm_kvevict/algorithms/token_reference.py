@@ -21,6 +21,7 @@ import torch
 from vllm_kvevict.algorithms.attention_stats import (NUM_STATS, PageAttentionStats, accumulate,
                                                      page_attention_mass)
 from vllm_kvevict.algorithms.selection import topk_prefer_recent
+from vllm_kvevict.paging import cdiv
 
 ROCO_PROTECTED_SLOTS = 10  # EasyKV protects the last 10 slots from RoCo's deviation scope
 
@@ -114,9 +115,9 @@ def page_level_keep(policy, queries: torch.Tensor, keys: torch.Tensor, prompt_le
     ``budget``/``sink``/``window`` are in tokens and rounded like the engine rounds them.
     """
     num_tokens, num_kv_heads = keys.shape[0], keys.shape[1]
-    budget_pages, sink_pages = budget // page_size, -(-sink // page_size)
-    window_pages = -(-window // page_size)
-    num_pages = -(-num_tokens // page_size)
+    budget_pages, sink_pages = budget // page_size, cdiv(sink, page_size)
+    window_pages = cdiv(window, page_size)
+    num_pages = cdiv(num_tokens, page_size)
     padded = torch.zeros(num_pages * page_size, *keys.shape[1:], dtype=keys.dtype)
     padded[:num_tokens] = keys
     page_keys = padded.view(num_pages, page_size, *keys.shape[1:])
@@ -148,7 +149,7 @@ def page_level_keep(policy, queries: torch.Tensor, keys: torch.Tensor, prompt_le
         held[pages] = False
         held[pages[topk_prefer_recent(scores, budget_pages)]] = True
 
-    held[:-(-prompt_len // page_size)] = True
+    held[:cdiv(prompt_len, page_size)] = True
     observe(prompt_len - observation_window, prompt_len - 1)
     evict(prompt_len)
     for t in range(prompt_len, num_tokens):

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from vllm_kvevict.bench.common import (close_llm, environment, label, markdown_table,
                                        offline_llm, write_results)
+from vllm_kvevict.paging import cdiv
 
 
 def run(model_path: str, out_dir: str, lengths: list[int], budgets: list[int],
@@ -107,7 +108,7 @@ def _plot(cells, lengths, budgets, policies, out_dir, name) -> None:
 
     panels = ["none"] + [p for p in policies if p != "none"]
     ncols = min(4, len(panels))
-    nrows = -(-len(panels) // ncols)
+    nrows = cdiv(len(panels), ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.5 * nrows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")

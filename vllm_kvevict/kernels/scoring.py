@@ -7,6 +7,7 @@ import torch
 import triton.language as tl
 
 from vllm_kvevict.kernels.launch import Kernel, power_of_two
+from vllm_kvevict.paging import cdiv
 
 
 def _score_kernel(query, hi, lo, page_slots, num_pages, scores,
@@ -71,7 +72,7 @@ def score_batch(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
                          device=query.device)
     if batch and max_pages:
         block_p = min(power_of_two(max_pages), block_pages)
-        grid = (batch, num_kv_heads, -(-max_pages // block_p))
+        grid = (batch, num_kv_heads, cdiv(max_pages, block_p))
         SCORE.on(query.device)[grid](
             query, hi.contiguous(), lo.contiguous(), page_slots.to(torch.int32),
             num_pages.to(torch.int32), scores, query.stride(0), query.stride(1),

@@ -10,6 +10,7 @@ import torch
 import triton.language as tl
 
 from vllm_kvevict.kernels.launch import Kernel, power_of_two
+from vllm_kvevict.paging import cdiv
 
 # Programs to aim for when splitting (about two per streaming multiprocessor on an H100).
 TARGET_PROGRAMS = 264
@@ -117,9 +118,9 @@ def sparse_paged_decode(query: torch.Tensor, key_cache: torch.Tensor, value_cach
     if not batch or not max_selected:
         return out
     if num_splits is None:
-        num_splits = max(1, min(max_selected, -(-TARGET_PROGRAMS // (batch * num_kv_heads))))
-    pages_per_split = -(-max_selected // num_splits)
-    num_splits = -(-max_selected // pages_per_split)
+        num_splits = max(1, min(max_selected, cdiv(TARGET_PROGRAMS, batch * num_kv_heads)))
+    pages_per_split = cdiv(max_selected, num_splits)
+    num_splits = cdiv(max_selected, pages_per_split)
     shape = (batch, num_q_heads, num_splits)
     part_max = torch.empty(shape, dtype=torch.float32, device=query.device)
     part_sum = torch.empty_like(part_max)
