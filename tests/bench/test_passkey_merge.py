@@ -34,6 +34,13 @@ def test_merge_keeps_each_cells_trial_count(tmp_path):
     merged = json.loads((out / "policies.json").read_text())
     assert [m["date"] for m in merged["settings"]["merged_from"]] == ["d1", "d2"]
     assert (out / "policies.png").stat().st_size > 1000
+    # Merging a merge lists the original runs, not a nested record.
+    third = _run(tmp_path / "c.json", [_cell("tova", 512, 4000, [True])], "d3")
+    again = tmp_path / "again"
+    assert main(["policies", "--merge", str(out / "policies.json"), "--merge", third,
+                 "--out", str(again)]) == 0
+    merged = json.loads((again / "policies.json").read_text())
+    assert [m["date"] for m in merged["settings"]["merged_from"]] == ["d1", "d2", "d3"]
 
 
 def test_merge_refuses_a_cell_from_two_runs(tmp_path, capsys):

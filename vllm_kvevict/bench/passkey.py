@@ -71,12 +71,19 @@ def merge(out_dir: str, name: str, sources: list[str]) -> dict:
     lengths = sorted({c["length"] for c in cells})
     budgets = sorted({c["budget"] for c in cells if c["budget"] is not None})
     merged = {"environment": payloads[-1]["environment"],
-              "settings": {"merged_from": [{"date": p["environment"].get("date"),
-                                            **p["settings"]} for p in payloads]},
+              "settings": {"merged_from": [run for p in payloads for run in
+                                           _runs(p["settings"], p["environment"].get("date"))]},
               "cells": cells}
     write_results(out_dir, name, merged, _table(cells, lengths))
     _plot(cells, lengths, budgets, policies, out_dir, name)
     return merged
+
+
+def _runs(settings: dict, date: str | None) -> list[dict]:
+    """The settings of the runs behind a result: itself, or the runs earlier merges joined."""
+    if "merged_from" not in settings:
+        return [{"date": date, **settings}]
+    return [run for inner in settings["merged_from"] for run in _runs(inner, inner.get("date"))]
 
 
 def _first(cells, policy) -> int:
