@@ -2,9 +2,8 @@
 drives them (the fake scheduler of ``test_pages``: a block's values name the page it holds)."""
 import pytest
 
-from tests.test_pages import BS, HEAD_DIM, LAYERS, FakeEngine
+from tests.test_pages import BS, CACHES, HEAD_DIM, LAYERS, FakeEngine, cache  # noqa: F401
 from vllm_kvevict.attention_pages import AttentionStatsRuntime
-from vllm_kvevict.pages import CPUBlockFormat
 from vllm_kvevict.paging import PageLayout
 from vllm_kvevict.policies import get_policy
 
@@ -12,11 +11,11 @@ from vllm_kvevict.policies import get_policy
 LAYOUT = PageLayout(block_size=BS, budget_pages=6, sink_pages=1, window_pages=1, top_k_pages=4)
 
 
-def engine(policy: str, observation_window: int = 4) -> FakeEngine:
-    runtime = AttentionStatsRuntime(LAYOUT, get_policy(policy), CPUBlockFormat(), LAYERS,
+def engine(policy: str, observation_window: int = 4, cache=CACHES["cpu"]) -> FakeEngine:
+    runtime = AttentionStatsRuntime(LAYOUT, get_policy(policy), cache.fmt, LAYERS,
                                     observation_window)
     runtime.bind(None, 1, HEAD_DIM, HEAD_DIM ** -0.5)
-    return FakeEngine(layout=LAYOUT, runtime=runtime)
+    return FakeEngine(layout=LAYOUT, runtime=runtime, cache=cache)
 
 
 def held_pages(eng: FakeEngine, req: str = "a") -> list[set[int]]:
@@ -25,8 +24,8 @@ def held_pages(eng: FakeEngine, req: str = "a") -> list[set[int]]:
 
 
 @pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv"])
-def test_prompt_end_keeps_the_page_the_last_queries_attend_to(policy):
-    eng = engine(policy)
+def test_prompt_end_keeps_the_page_the_last_queries_attend_to(policy, cache):
+    eng = engine(policy, cache=cache)
     # 10 pages of prompt; the last query points at page 2, which lies in the range the
     # scheduler frees after the prompt (pages 1..4): it is moved into a block that stays.
     plan, _ = eng.step({"a": 10 * BS}, {"a": 10 * BS}, favour={"a": 2})
@@ -39,8 +38,8 @@ def test_prompt_end_keeps_the_page_the_last_queries_attend_to(policy):
 
 
 @pytest.mark.parametrize("policy", ["h2o", "tova", "roco"])
-def test_decode_keeps_the_attended_page_within_budget(policy):
-    eng = engine(policy)
+def test_decode_keeps_the_attended_page_within_budget(policy, cache):
+    eng = engine(policy, cache=cache)
     prompt = 10 * BS
     eng.step({"a": prompt}, {"a": prompt}, favour={"a": 2})
     for _ in range(3 * BS):

@@ -3,29 +3,81 @@
 A small fake scheduler hands out blocks and frees ``PageLayout.evicted_pages`` as the real manager
 does; every token's value vector carries ``page + 100 * layer``, so a block's content names the
 page it holds and the per-layer page tables can be checked against the cache itself.
+
+Each engine test runs on vLLM's CPU cache and on vLLM 0.32's FlashAttention cache (CPU tensors
+with the CUDA layout's strides, written through the backend's own cache update): the CUDA path's
+block format, host store and runtime, exercised without a GPU.
 """
 import pytest
 import torch
 
-from vllm_kvevict.pages import (CPUBlockFormat, HostPageStore, HostStoreFull, PageRuntime,
-                                RowInput)
+from tests.flash_layout import flash_layer_caches, read_value, write_tokens
+from vllm_kvevict.pages import (CPUBlockFormat, FlashBlockFormat, HostPageStore, HostStoreFull,
+                                PageRuntime, RowInput)
 from vllm_kvevict.paging import PageLayout, cdiv
 from vllm_kvevict.policies import get_policy
 
-BS, KV_HEADS, HEAD_DIM, LAYERS, NUM_BLOCKS = 4, 1, 8, 2, 64
+BS, KV_HEADS, HEAD_DIM, LAYERS, NUM_BLOCKS = 4, 2, 8, 2, 64
+GROUP = 2  # query heads per KV head
 LAYOUT = PageLayout(block_size=BS, budget_pages=6, sink_pages=1, window_pages=1, top_k_pages=2)
+
+
+class CPUCache:
+    """vLLM's CPU cache: per block and head, the block's keys then its values (row-major)."""
+
+    fmt = CPUBlockFormat()
+
+    def caches(self):
+        return [torch.zeros(NUM_BLOCKS, KV_HEADS, BS, 2 * HEAD_DIM) for _ in range(LAYERS)]
+
+    def write(self, kv, slots, keys, values):
+        for slot, key, value in zip(slots.tolist(), keys, values):
+            block, offset = divmod(slot, BS)
+            raw = kv[block].view(KV_HEADS, 2, BS, HEAD_DIM)
+            raw[:, 0, offset], raw[:, 1, offset] = key, value
+
+    def value(self, kv, block, offset):
+        return kv[block].view(KV_HEADS, 2, BS, HEAD_DIM)[:, 1, offset]
+
+
+class FlashCache:
+    """vLLM 0.32's FlashAttention cache in one of its physical layouts."""
+
+    fmt = FlashBlockFormat()
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def caches(self):
+        return flash_layer_caches(LAYERS, NUM_BLOCKS, BS, KV_HEADS, HEAD_DIM, layout=self.layout)
+
+    def write(self, kv, slots, keys, values):
+        write_tokens(kv, slots, keys, values)
+
+    def value(self, kv, block, offset):
+        return read_value(kv, block, offset)
+
+
+CACHES = {"cpu": CPUCache(), "flash-LBNHC": FlashCache("LBNHC"),
+          "flash-BLNHC": FlashCache("BLNHC"), "flash-LBHNC": FlashCache("LBHNC")}
+
+
+@pytest.fixture(params=list(CACHES))
+def cache(request):
+    return CACHES[request.param]
 
 
 class FakeEngine:
     """One worker's KV cache, a scheduler's block table and the page runtime."""
 
     def __init__(self, sparse=False, host_pages=64, policy="arkvale", layout=LAYOUT,
-                 runtime=None):
-        self.kv = [torch.zeros(NUM_BLOCKS, KV_HEADS, BS, 2 * HEAD_DIM) for _ in range(LAYERS)]
+                 runtime=None, cache=CACHES["cpu"]):
+        self.cache = cache
+        self.kv = cache.caches()
         self.free = list(range(1, NUM_BLOCKS))
         self.tables: dict[str, list[int]] = {}
         self.computed: dict[str, int] = {}
-        self.fmt = CPUBlockFormat()
+        self.fmt = cache.fmt
         self.store = HostPageStore(host_pages, LAYERS)
         self.store.bind(self.kv[0], self.fmt, KV_HEADS, HEAD_DIM)
         self.layout = layout
@@ -51,15 +103,18 @@ class FakeEngine:
                                  [b if b is not None else 0 for b in table]))
             first += num_new
         plan = self.runtime.plan_step(rows, "cpu")
-        query = torch.zeros(first, 2, HEAD_DIM)  # 2 query heads over 1 KV head
-        for row in rows:
-            for t in range(row.num_computed, row.num_computed + row.num_new):  # write KV
-                page, slot = divmod(t, BS)
-                block = self.tables[row.req_id][page]
-                for layer in range(LAYERS):
-                    key = self.page_keys[page] + 0.01 * torch.randn(HEAD_DIM)
-                    raw = self.kv[layer][block, 0].view(2, BS, HEAD_DIM)
-                    raw[0, slot], raw[1, slot] = key, page + 100 * layer
+        query = torch.zeros(first, KV_HEADS * GROUP, HEAD_DIM)
+        for row in rows:  # write the row's KV in every layer, as the backend's cache update does
+            tokens = torch.arange(row.num_computed, row.num_computed + row.num_new)
+            pages = tokens // BS
+            table = self.tables[row.req_id]
+            slots = torch.tensor([table[p] for p in pages.tolist()]) * BS + tokens % BS
+            for layer in range(LAYERS):
+                keys = self.page_keys[pages] + 0.01 * torch.randn(len(tokens), HEAD_DIM)
+                keys = keys.unsqueeze(1).expand(-1, KV_HEADS, -1)
+                values = (pages + 100 * layer).float().view(-1, 1, 1).expand(-1, KV_HEADS,
+                                                                              HEAD_DIM)
+                self.cache.write(self.kv[layer], slots, keys, values)
             last = row.first_token + row.num_new - 1
             query[last] = 10 * self.page_keys[favour.get(row.req_id, 0)]
         tables = {}
@@ -70,10 +125,15 @@ class FakeEngine:
             self.computed[row.req_id] += row.num_new
         return plan, tables
 
+    def page_in_block(self, layer: int, block: int) -> int:
+        """The page a block holds in ``layer``, read from the cache itself."""
+        values = self.cache.value(self.kv[layer], block, 0)
+        assert (values == values.flatten()[0]).all()
+        return int(values.flatten()[0]) - 100 * layer
+
     def held_by_content(self, req: str, layer: int) -> list[int]:
         state = self.runtime.requests[req]
-        return [int(self.kv[layer][b, 0].view(2, BS, HEAD_DIM)[1, 0, 0]) - 100 * layer
-                for b in state.block_ids]
+        return [self.page_in_block(layer, b) for b in state.block_ids]
 
     def check_invariants(self, req: str) -> None:
         state = self.runtime.requests[req]
@@ -90,8 +150,8 @@ class FakeEngine:
                 assert held[-1] == num_full  # the page being filled, last
 
 
-def test_prompt_within_budget_backs_up_but_never_selects():
-    engine = FakeEngine()
+def test_prompt_within_budget_backs_up_but_never_selects(cache):
+    engine = FakeEngine(cache=cache)
     plan, _ = engine.step({"a": 18}, {"a": 18}, {})
     assert plan.backup_blocks.numel() == 4 and not plan.selections and not plan.prefill_ends
     assert engine.store.used_pages == 4
@@ -102,8 +162,8 @@ def test_prompt_within_budget_backs_up_but_never_selects():
     engine.check_invariants("a")
 
 
-def test_digests_match_the_backed_up_keys():
-    engine = FakeEngine()
+def test_digests_match_the_backed_up_keys(cache):
+    engine = FakeEngine(cache=cache)
     engine.step({"a": 8}, {"a": 8}, {})
     state = engine.runtime.requests["a"]
     for layer in range(LAYERS):
@@ -117,8 +177,8 @@ def test_digests_match_the_backed_up_keys():
         torch.testing.assert_close(digest[1], centre - radius)
 
 
-def test_prefill_end_keeps_the_best_pages_and_decode_recalls_evicted_ones():
-    engine = FakeEngine()
+def test_prefill_end_keeps_the_best_pages_and_decode_recalls_evicted_ones(cache):
+    engine = FakeEngine(cache=cache)
     prompt = 12 * BS + 2  # 12 full pages + a partial one; budget 6 pages
     engine.step({"a": prompt}, {"a": prompt}, {"a": 3})  # last prompt query favours page 3
     assert engine.runtime.requests["a"].held is not None
@@ -141,8 +201,8 @@ def test_prefill_end_keeps_the_best_pages_and_decode_recalls_evicted_ones():
     assert engine.store.used_pages == 0 and not engine.runtime.requests
 
 
-def test_decode_across_page_boundaries_keeps_the_window_and_sinks():
-    engine = FakeEngine()
+def test_decode_across_page_boundaries_keeps_the_window_and_sinks(cache):
+    engine = FakeEngine(cache=cache)
     prompt = 9 * BS
     engine.step({"a": prompt}, {"a": prompt}, {"a": 4})
     for step in range(3 * BS + 1):
@@ -156,8 +216,8 @@ def test_decode_across_page_boundaries_keeps_the_window_and_sinks():
     assert engine.store.used_pages == engine.computed["a"] // BS
 
 
-def test_sparse_attention_tables_list_exactly_the_selected_pages():
-    engine = FakeEngine(sparse=True)
+def test_sparse_attention_tables_list_exactly_the_selected_pages(cache):
+    engine = FakeEngine(sparse=True, cache=cache)
     prompt = 10 * BS + 1
     engine.step({"a": prompt}, {"a": prompt}, {"a": 6})
     plan, tables = engine.step({"a": 1}, {"a": prompt}, {"a": 6})
@@ -168,13 +228,12 @@ def test_sparse_attention_tables_list_exactly_the_selected_pages():
         blocks = tables[layer][0].tolist()
         assert len(blocks) == selected + 1
         assert blocks[-1] == engine.tables["a"][seq_len // BS]  # the page being filled last
-        pages = [int(engine.kv[layer][b, 0].view(2, BS, HEAD_DIM)[1, 0, 0]) - 100 * layer
-                 for b in blocks]
+        pages = [engine.page_in_block(layer, b) for b in blocks]
         assert 6 in pages and 0 in pages and len(set(pages)) == len(pages)
 
 
-def test_batch_of_requests_joining_and_leaving():
-    engine = FakeEngine()
+def test_batch_of_requests_joining_and_leaving(cache):
+    engine = FakeEngine(cache=cache)
     prompts = {"a": 10 * BS + 3, "b": 7 * BS, "c": 3 * BS + 1}
     engine.step({"a": prompts["a"], "b": prompts["b"]}, prompts, {"a": 2, "b": 4})
     engine.step({"a": 1, "b": 1, "c": prompts["c"]}, prompts, {"a": 5, "b": 1})
@@ -220,10 +279,10 @@ def test_selection_probe_compares_digest_and_exact_top_k():
     assert probe.top_k_overlap == pytest.approx(1.0)  # 2/2 then 0/2
 
 
-def test_quest_keeps_every_page_and_attends_over_the_selection():
+def test_quest_keeps_every_page_and_attends_over_the_selection(cache):
     layout = PageLayout(block_size=BS, budget_pages=100, sink_pages=1, window_pages=1,
                         top_k_pages=2)
-    engine = FakeEngine(policy="quest", layout=layout, host_pages=0)
+    engine = FakeEngine(policy="quest", layout=layout, host_pages=0, cache=cache)
     prompt = 10 * BS + 1
     engine.step({"a": prompt}, {"a": prompt}, {"a": 6})
     plan, tables = engine.step({"a": 1}, {"a": prompt}, {"a": 6})
@@ -234,8 +293,7 @@ def test_quest_keeps_every_page_and_attends_over_the_selection():
     assert state.positions == list(range(11))  # nothing freed, nothing moved
     for layer in range(LAYERS):
         assert state.held[layer].tolist() == list(range(11))
-        pages = [int(engine.kv[layer][b, 0].view(2, BS, HEAD_DIM)[1, 0, 0]) - 100 * layer
-                 for b in tables[layer][0].tolist()]
+        pages = [engine.page_in_block(layer, b) for b in tables[layer][0].tolist()]
         assert pages[-1] == 10 and 0 in pages and 6 in pages and len(pages) == selected + 1
     assert engine.runtime.stats.recalled == 0 and engine.store.used_pages == 0
     engine.runtime.release("a")

@@ -28,7 +28,7 @@ Invariants (per request, per layer):
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 
@@ -41,44 +41,40 @@ class HostStoreFull(RuntimeError):
     """The host store has no free page (the scheduler's reservation should prevent this)."""
 
 
-class BlockFormat(Protocol):
-    """How one layer's KV-cache tensor stores a block (a page)."""
+class BlockFormat:
+    """How one layer's KV-cache tensor stores a block (a page).
 
-    block_dim: int
+    vLLM 0.32 gives every layer a view ``[num_blocks, kv_heads, block_size, 2 * head_dim]``
+    (strided in the engine's resolved ``KVCacheLayout``): blocks are the first dimension, and
+    what differs between backends is where a block keeps its keys (:meth:`keys`).
+    """
 
-    def page_shape(self, kv_cache: torch.Tensor) -> tuple[int, ...]: ...
+    def page_shape(self, kv_cache: torch.Tensor) -> tuple[int, ...]:
+        return tuple(kv_cache.shape[1:])
 
     def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
-        """``[n, *page_shape]`` copies of the blocks."""
+        """``[n, *page_shape]`` contiguous copies of the blocks."""
+        return kv_cache.index_select(0, block_ids)
 
-    def write(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, pages: torch.Tensor) -> None: ...
+    def write(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, pages: torch.Tensor) -> None:
+        kv_cache.index_copy_(0, block_ids, pages.to(kv_cache.device, non_blocking=True))
 
     def keys(self, pages: torch.Tensor) -> torch.Tensor:
         """``[n, block_size, num_kv_heads, head_dim]`` keys of ``read`` pages."""
+        raise NotImplementedError
 
 
-class CPUBlockFormat:
-    """vLLM's CPU layout: ``[num_blocks, kv_heads, block_size, 2 * head_dim]``; per head, the
-    first ``block_size * head_dim`` elements hold the keys, the rest the values.
+class CPUBlockFormat(BlockFormat):
+    """vLLM's CPU layout (``LBHNC``); per head, the first ``block_size * head_dim`` elements
+    hold the keys, the rest the values.
 
     The CPU kernels store a block's keys in an ISA-specific order (e.g. transposed,
     ``[head_dim, block_size]``, for AVX-512). ``key_index[t * head_dim + d]`` is the element
     holding key ``(t, d)``; ``None`` means row-major ``[block_size, head_dim]``.
     """
 
-    block_dim = 0
-
     def __init__(self, key_index: torch.Tensor | None = None):
         self.key_index = key_index
-
-    def page_shape(self, kv_cache):
-        return tuple(kv_cache.shape[1:])
-
-    def read(self, kv_cache, block_ids):
-        return kv_cache.index_select(0, block_ids)
-
-    def write(self, kv_cache, block_ids, pages):
-        kv_cache.index_copy_(0, block_ids, pages.to(kv_cache.device, non_blocking=True))
 
     def keys(self, pages):
         n, kv_heads, block_size, two_d = pages.shape
@@ -89,23 +85,16 @@ class CPUBlockFormat:
         return raw.reshape(n, kv_heads, block_size, head_dim).permute(0, 2, 1, 3)
 
 
-class FlashBlockFormat:
-    """FlashAttention's layout: ``[2, num_blocks, block_size, kv_heads, head_dim]``."""
-
-    block_dim = 1
-
-    def page_shape(self, kv_cache):
-        return (2, *kv_cache.shape[2:])
-
-    def read(self, kv_cache, block_ids):
-        return kv_cache.index_select(1, block_ids).transpose(0, 1)
-
-    def write(self, kv_cache, block_ids, pages):
-        kv_cache.index_copy_(1, block_ids, pages.to(kv_cache.device, non_blocking=True)
-                             .transpose(0, 1))
+class FlashBlockFormat(BlockFormat):
+    """FlashAttention's reading of the layer view: a token's key, then its value, in the last
+    dimension; the backend splits it as ``kv_cache.transpose(1, 2).split(head_dim, dim=-1)``.
+    The physical order is the engine's ``KVCacheLayout`` (``LBNHC``, tokens outside heads, by
+    default); pages read here are contiguous whatever the strides.
+    """
 
     def keys(self, pages):
-        return pages[:, 0]
+        head_dim = pages.shape[-1] // 2
+        return pages[..., :head_dim].transpose(1, 2)
 
 
 @dataclasses.dataclass
@@ -183,11 +172,12 @@ class HostPageStore:
             return
         device = kv_cache.device
         shape = block_format.page_shape(kv_cache)
+        # Pinned (CUDA) host memory is page-locked, so committed, as soon as it is allocated;
+        # unpinned memory (CPU) stays uncommitted until a page is first written.
         pin = device.type == "cuda"
-        # torch.empty leaves host memory uncommitted until a page is first written.
         self.pages = [torch.empty((self.num_pages, *shape), dtype=kv_cache.dtype, pin_memory=pin)
                       for _ in range(self.num_layers)] if self.num_pages else []
-        slots = self.num_pages or kv_cache.shape[block_format.block_dim]
+        slots = self.num_pages or kv_cache.shape[0]
         self.digests = [torch.empty((slots, 2, num_kv_heads, head_dim),
                                     dtype=torch.float32, device=device)
                         for _ in range(self.num_layers)]

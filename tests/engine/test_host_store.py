@@ -14,6 +14,11 @@ def test_full_host_store_makes_requests_wait_not_fail(llm_factory):
     small = llm_factory("arkvale", BUDGET, kv_host_space=0.1, max_model_len=4096)
     manager, sched = block_manager(small), scheduler(small)
     assert manager.host_pages == 145
+    # Allocated with the KV cache, before any request: host pages and digests of every layer.
+    store = _runtime().store
+    assert store.bound and store.used_pages == 0
+    assert [p.shape[0] for p in store.pages] == [145] * store.num_layers
+    assert [d.shape[0] for d in store.digests] == [145] * store.num_layers
     tokenizer = small.get_tokenizer()
     prompts = [_filler_prompt(tokenizer, 1500 + 100 * i, f"h{i}") for i in range(4)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from tests.flash_layout import random_key_value_views
 from vllm_kvevict.algorithms.digest import page_digests
 from vllm_kvevict.kernels.digest import build_digests
 
@@ -12,9 +13,8 @@ from vllm_kvevict.kernels.digest import build_digests
                                                         (32, 64, torch.float32)])
 def test_digests_match_reference_from_the_paged_cache(kind, page_size, head_dim, dtype, device):
     torch.manual_seed(0)
-    # FlashAttention layout, keys half of [2, blocks, page, kv_heads, head_dim]: strided view.
-    kv_cache = torch.randn(2, 9, page_size, 3, head_dim).to(device, dtype)
-    key_cache = kv_cache[0]
+    # The key view of vLLM 0.32's FlashAttention cache: strided, keys and values interleaved.
+    key_cache, _ = random_key_value_views(9, page_size, 3, head_dim, dtype, device)
     block_ids = torch.tensor([8, 0, 5, 3], device=device)
     hi, lo = build_digests(key_cache, block_ids, kind)
     ref_hi, ref_lo = page_digests(key_cache[block_ids], kind)

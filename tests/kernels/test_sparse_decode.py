@@ -2,14 +2,15 @@
 import pytest
 import torch
 
+from tests.flash_layout import random_key_value_views
 from vllm_kvevict.kernels.reference import sparse_decode_reference
 from vllm_kvevict.kernels.sparse_decode import sparse_paged_decode
 
 
 def _cache(page_size, num_kv_heads, head_dim, dtype, device, num_blocks=12):
     torch.manual_seed(2)
-    kv = torch.randn(2, num_blocks, page_size, num_kv_heads, head_dim).to(device, dtype)
-    return kv[0], kv[1]  # strided views, as in FlashAttention's cache
+    # The key and value views of vLLM 0.32's FlashAttention cache (strided, K/V interleaved).
+    return random_key_value_views(num_blocks, page_size, num_kv_heads, head_dim, dtype, device)
 
 
 @pytest.mark.parametrize("page_size, num_q_heads, num_kv_heads, head_dim, dtype, tol", [

@@ -1,16 +1,26 @@
-"""Batched page copies (CPU path: synchronous) in both block layouts."""
+"""Batched page copies (CPU path: synchronous) in vLLM 0.32's CPU and FlashAttention caches."""
 import pytest
 import torch
 
+from tests.flash_layout import flash_layer_caches
 from vllm_kvevict.kernels.transfer import PageTransfer
 from vllm_kvevict.pages import CPUBlockFormat, FlashBlockFormat
 
 
-@pytest.mark.parametrize("block_format, shape", [(FlashBlockFormat(), (2, 10, 16, 2, 8)),
-                                                 (CPUBlockFormat(), (10, 2, 16, 16))])
-def test_backup_then_recall_into_other_blocks(block_format, shape):
+def _flash_cache(layout):
+    kv_cache = flash_layer_caches(2, 10, 16, 2, 8, layout=layout)[1]
+    kv_cache.copy_(torch.randn(kv_cache.shape))
+    return kv_cache
+
+
+@pytest.mark.parametrize("block_format, make_cache", [
+    (FlashBlockFormat(), lambda: _flash_cache("LBNHC")),
+    (FlashBlockFormat(), lambda: _flash_cache("BLNHC")),
+    (CPUBlockFormat(), lambda: torch.randn(10, 2, 16, 16)),
+], ids=["flash-LBNHC", "flash-BLNHC", "cpu"])
+def test_backup_then_recall_into_other_blocks(block_format, make_cache):
     torch.manual_seed(3)
-    kv_cache = torch.randn(shape)
+    kv_cache = make_cache()
     original = kv_cache.clone()
     host = torch.zeros((6, *block_format.page_shape(kv_cache)))
     transfer = PageTransfer(block_format, num_layers=1)

@@ -24,7 +24,7 @@ from vllm.v1.attention.backends.cpu_attn import (CPUAttentionBackend, CPUAttenti
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.engine import page_runtime
 from vllm_kvevict.engine.kv_spec import EvictingAttentionSpec
-from vllm_kvevict.pages import CPUBlockFormat
+from vllm_kvevict.pages import BlockFormat, CPUBlockFormat
 from vllm_kvevict.paging import PageLayout, cdiv
 from vllm_kvevict.policies import AttentionStatsPolicy, get_policy
 
@@ -36,20 +36,25 @@ def compact_common_metadata(cm: CommonAttentionMetadata, layout: PageLayout,
 
     ``sparse_seq_lens`` (row -> tokens) overrides the length of rows that attend over selected
     pages only; the layer fills those rows' block tables (:meth:`PageRuntime.before_attention`).
+    Rows past ``is_prefilling``'s (padding: Model Runner V2 pads lengths to a CUDA-graph batch
+    size, not ``is_prefilling``) count as not prefilling; they are empty, so nothing is evicted.
     """
     if cm.is_prefilling is None:
         raise RuntimeError("vllm-kvevict needs CommonAttentionMetadata.is_prefilling (V1 runner)")
     device = cm.block_table_tensor.device
     query_lens = cm.query_start_loc[1:] - cm.query_start_loc[:-1]
-    prefilling = cm.is_prefilling.to(device=device, non_blocking=True)
-    table, seq_lens = layout.compact_block_table(cm.block_table_tensor, cm.seq_lens, query_lens,
-                                                 prefilling)
+    prefilling_cpu = cm.is_prefilling.cpu()
+    prefilling = _fit_rows(prefilling_cpu, cm.seq_lens.shape[0]).to(device=device,
+                                                                     non_blocking=True)
+    table, seq_lens = layout.compact_block_table(cm.block_table_tensor, cm.seq_lens,
+                                                 query_lens[:cm.seq_lens.shape[0]], prefilling)
     # Host-side lengths for the builders' scheduling work, shrunk the same way.
-    query_lens_cpu = cm.query_start_loc_cpu[1:] - cm.query_start_loc_cpu[:-1]
     upper = cm.seq_lens_cpu_upper_bound
     if upper is None:
         upper = cm.seq_lens.cpu()
-    evicted = layout.num_evicted_pages(upper - query_lens_cpu, cm.is_prefilling.cpu())
+    query_lens_cpu = (cm.query_start_loc_cpu[1:] - cm.query_start_loc_cpu[:-1])[:upper.shape[0]]
+    evicted = layout.num_evicted_pages(upper - query_lens_cpu,
+                                       _fit_rows(prefilling_cpu, upper.shape[0]))
     upper = (upper - evicted * layout.block_size).to(upper.dtype)
     if sparse_seq_lens:
         rows = list(sparse_seq_lens)
@@ -63,6 +68,13 @@ def compact_common_metadata(cm: CommonAttentionMetadata, layout: PageLayout,
     max_seq_len = int(upper[:num_reqs].max()) if num_reqs else cm.max_seq_len
     return dataclasses.replace(cm, block_table_tensor=table, seq_lens=seq_lens,
                                seq_lens_cpu_upper_bound=upper, max_seq_len=max_seq_len)
+
+
+def _fit_rows(flags: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``flags`` cut or padded with False to ``num_rows`` rows."""
+    if flags.shape[0] >= num_rows:
+        return flags[:num_rows]
+    return torch.cat([flags, flags.new_zeros(num_rows - flags.shape[0])])
 
 
 _worker_config: EvictionConfig | None = None
@@ -84,6 +96,9 @@ def remember_worker_config() -> None:
     _worker_config = EvictionConfig.from_vllm_config(vllm_config)
     _worker_max_model_len = vllm_config.model_config.max_model_len
     _worker_num_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+    if _worker_config.evicts and vllm_config.use_v2_model_runner:
+        # engine.cli pins the V1 runner; this is the backstop (e.g. an engine built without it).
+        raise RuntimeError(page_runtime.V2_RUNNER_ERROR.format(policy=_worker_config.policy))
     if _worker_config.evicts and get_policy(_worker_config.policy).selects:
         page_runtime.install_runner_hooks()
 
@@ -125,12 +140,30 @@ def resident_layout(layout: PageLayout, config: EvictionConfig, max_model_len: i
 
 class EvictingBuilderMixin:
     """Compacts the batch to resident pages before the stock ``build``; under a selecting
-    policy, first plans the step's page work and attaches it as ``metadata.kvevict_plan``."""
+    policy, first plans the step's page work and attaches it as ``metadata.kvevict_plan``.
+
+    NOTE: page work runs in Python in every layer, and each step's compacted block table and
+    lengths are new tensors, so an evicting builder supports no full CUDA graph (a replay would
+    run none of it and read the captured buffers): vLLM then captures piecewise graphs, whose
+    split points are the attention layers.
+    """
 
     kv_cache_spec: object
     layer_names: list[str]
     vllm_config: object
     device: torch.device
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        from vllm.v1.attention.backend import AttentionCGSupport
+
+        if isinstance(kv_cache_spec, EvictingAttentionSpec):
+            return AttentionCGSupport.NEVER
+        return super().get_cudagraph_support(vllm_config, kv_cache_spec)
+
+    def block_format(self, layer, kv_cache: torch.Tensor) -> BlockFormat:
+        """How ``kv_cache`` (one layer's view, as the backend's kernels read it) stores pages."""
+        raise NotImplementedError
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False):
@@ -153,19 +186,20 @@ class EvictingBuilderMixin:
         return metadata
 
     def _page_runtime(self):
+        """This builder's page runtime under a selecting policy, else None (created once; bound
+        to the KV cache by :func:`page_runtime.bind_page_runtimes` when the cache is allocated)."""
         if not hasattr(self, "_kvevict_runtime"):
             runtime = None
             config = EvictionConfig.from_vllm_config(self.vllm_config)
             if get_policy(config.policy).selects:
-                runtime = page_runtime.create_runtime(
-                    config, self.kv_cache_spec, list(self.layer_names),
-                    getattr(self, "page_block_format", None))
+                runtime = page_runtime.create_runtime(config, self.kv_cache_spec,
+                                                      list(self.layer_names))
             self._kvevict_runtime = runtime
         return self._kvevict_runtime
 
 
-def forward_with_pages(impl, forward, layer, query, key, value, kv_cache, attn_metadata, output,
-                       *args, **kwargs):
+def forward_with_pages(forward, layer, query, key, value, kv_cache, attn_metadata, output, *args,
+                       **kwargs):
     """``forward`` with the step's page work around it: backup, select and recall before the
     attention kernel, the prefill-end reshuffle after it."""
     plan = getattr(attn_metadata, "kvevict_plan", None)
@@ -173,10 +207,7 @@ def forward_with_pages(impl, forward, layer, query, key, value, kv_cache, attn_m
         return forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
     runtime = attn_metadata.kvevict_runtime
     if not runtime.bound:
-        if isinstance(runtime.format, CPUBlockFormat):
-            runtime.format = CPUBlockFormat(cpu_key_index(layer.isa, kv_cache.shape[2],
-                                                          impl.head_size, kv_cache.dtype))
-        runtime.bind(kv_cache, impl.num_kv_heads, impl.head_size, impl.scale)
+        raise RuntimeError("vllm-kvevict: page work planned before the KV cache was allocated")
     index = runtime.layer_index[layer.layer_name]
     tables = runtime.before_attention(index, query, kv_cache, plan)
     layer_metadata = attn_metadata
@@ -191,7 +222,9 @@ def forward_with_pages(impl, forward, layer, query, key, value, kv_cache, attn_m
 
 
 class EvictingCPUAttentionMetadataBuilder(EvictingBuilderMixin, CPUAttentionMetadataBuilder):
-    pass
+    def block_format(self, layer, kv_cache):
+        return CPUBlockFormat(cpu_key_index(layer.isa, kv_cache.shape[2], layer.impl.head_size,
+                                            kv_cache.dtype))
 
 
 def cpu_key_index(isa: str, block_size: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -228,7 +261,7 @@ class EvictingCPUAttentionImpl(CPUAttentionBackendImpl):
         remember_worker_config()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        return forward_with_pages(self, super().forward, layer, query, key, value, kv_cache,
+        return forward_with_pages(super().forward, layer, query, key, value, kv_cache,
                                   attn_metadata, output, *args, **kwargs)
 
 
@@ -248,15 +281,18 @@ class EvictingCPUAttentionBackend(CPUAttentionBackend):
         return EvictingCPUAttentionMetadataBuilder
 
 
-def register_backend() -> None:
-    """Install the evicting backend over the platform's default (idempotent)."""
+def register_backend(cuda: bool | None = None) -> None:
+    """Install the evicting backend over the platform's default (idempotent): on CPU over
+    ``CPU_ATTN``, on CUDA as ``CUSTOM`` (``cuda`` overrides the platform check, for tests)."""
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
     from vllm.v1.attention.backends.registry import register_backend as vllm_register_backend
 
-    if current_platform.is_cpu():
-        vllm_register_backend(AttentionBackendEnum.CPU_ATTN,
-                              f"{__name__}.EvictingCPUAttentionBackend")
-    elif current_platform.is_cuda():
+    if cuda is None:
+        cuda = current_platform.is_cuda()
+    if cuda:
         vllm_register_backend(AttentionBackendEnum.CUSTOM,
                               "vllm_kvevict.engine.backend_cuda.EvictingFlashAttentionBackend")
+    elif current_platform.is_cpu():
+        vllm_register_backend(AttentionBackendEnum.CPU_ATTN,
+                              f"{__name__}.EvictingCPUAttentionBackend")

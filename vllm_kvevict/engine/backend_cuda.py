@@ -1,8 +1,14 @@
-"""CUDA: FlashAttention over resident pages, registered as ``--attention-backend CUSTOM``.
+"""CUDA: FlashAttention over resident pages, vLLM's ``CUSTOM`` attention backend.
 
 Same mechanism as the CPU backend (:mod:`vllm_kvevict.engine.backend`): compact block tables and
-sequence lengths before FlashAttention's own builder runs; page work (arkvale) around the kernel.
-Not exercised by CI (no GPU there) and not yet run: GPU machines lent to this project have no vLLM.
+sequence lengths before FlashAttention's own builder runs; page work (arkvale, quest, h2o...)
+around the kernel. An evicting policy selects this backend by itself on CUDA, with the V1 model
+runner and piecewise CUDA graphs (:func:`vllm_kvevict.engine.cli.adapt_engine_args`).
+
+Nothing here has run on a GPU (the GPU machines lent to this project have no vLLM). CI runs every
+line but the kernel launches on CPU: the builder's ``build`` over CPU tensors, its CUDA-graph
+support, the block format over CPU tensors in vLLM 0.32's FlashAttention layouts
+(``tests/engine/test_cuda_path.py``, ``tests/test_pages.py``).
 """
 from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashAttentionImpl,
                                                    FlashAttentionMetadataBuilder)
@@ -18,12 +24,13 @@ class EvictingFlashAttentionImpl(FlashAttentionImpl):
         remember_worker_config()
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
-        return forward_with_pages(self, super().forward, layer, query, key, value, kv_cache,
+        return forward_with_pages(super().forward, layer, query, key, value, kv_cache,
                                   attn_metadata, output, *args, **kwargs)
 
 
 class EvictingFlashAttentionMetadataBuilder(EvictingBuilderMixin, FlashAttentionMetadataBuilder):
-    page_block_format = FlashBlockFormat()
+    def block_format(self, layer, kv_cache):
+        return FlashBlockFormat()
 
 
 class EvictingFlashAttentionBackend(FlashAttentionBackend):

@@ -14,10 +14,11 @@ Hook points (all installed by :func:`install`, idempotent):
 * ``EngineArgs.__init__`` / ``AsyncEngineArgs.__init__``: accept ``kv_*`` keywords, which is how
   ``vllm.LLM(model, kv_eviction_policy=...)`` reaches us (``LLM`` passes ``**kwargs`` through).
 * ``EngineArgs.create_model_config``: refuses unsupported models as soon as the HF config is read.
-* ``EngineArgs.create_engine_config``: under an evicting policy, block size 32 and no async
-  scheduling unless set, prefix caching off, and the budget checked against the final block
-  size. Policy ``none``: stock
-  vLLM's config, bit for bit (the kv_eviction entry is dropped, so even the config hash matches).
+* ``EngineArgs.create_engine_config``: under an evicting policy, :func:`adapt_engine_args`
+  (block size, prefix caching, async scheduling, the V1 runner; on CUDA the plugin's attention
+  backend and piecewise CUDA graphs), and the budget checked against the final block size.
+  Policy ``none``: stock vLLM's config, bit for bit (the kv_eviction entry is dropped, so even
+  the config hash matches).
 * ``ServeSubcommand.cmd`` (``vllm serve`` only): prints :class:`EvictionConfigError` as one line.
 
 Invariant: settings are validated (``EvictionConfig``) whenever they enter ``EngineArgs`` and
@@ -167,7 +168,8 @@ def _add_cli_args(original, parser, *args, **kwargs):
     group.add_argument("--kv-host-space", type=float, default=None, metavar="GIB",
                        help="arkvale: host memory per worker for page backups, in GiB; "
                             f"{DEFAULT_HOST_SPACE_GIB:g} when unset. Requests wait (or are "
-                            "preempted) while it is full.")
+                            "preempted) while it is full. On CUDA it is pinned memory, "
+                            "committed when the engine starts.")
     group.add_argument("--kv-sparse-attention", action=argparse.BooleanOptionalAction,
                        default=None,
                        help="arkvale: attend only over sinks + top-k + window pages instead of "
@@ -253,9 +255,10 @@ def _create_model_config(original, self):
 def _create_engine_config(original, self, *args, **kwargs):
     """Resolve the engine config; under an evicting policy adapt and check it (see module doc).
 
-    Mutates ``self`` (``block_size``, ``enable_prefix_caching``, ``async_scheduling``,
-    ``additional_config``), so a second call gives the same result.
+    Mutates ``self`` (see :func:`adapt_engine_args`), so a second call gives the same result.
     """
+    from vllm.platforms import current_platform
+
     config = eviction_config(self.additional_config)
     if not config.evicts:
         # Policy none: drop our entry so the VllmConfig (and its hash) is stock vLLM's.
@@ -263,19 +266,80 @@ def _create_engine_config(original, self, *args, **kwargs):
             self.additional_config = {k: v for k, v in self.additional_config.items()
                                       if k != ADDITIONAL_CONFIG_KEY}
         return original(self, *args, **kwargs)
-    if self.block_size is None:
-        # The CPU platform would pick 128; a block is the eviction unit, so keep it small.
-        self.block_size = DEFAULT_EVICTING_BLOCK_SIZE
-    prefix_caching_request = self.enable_prefix_caching
-    self.enable_prefix_caching = False
-    if self.async_scheduling is None:
-        # Eviction reads each row's exact computed-token count when a step is planned; with
-        # async scheduling (a CUDA default) the worker only has an upper bound.
-        self.async_scheduling = False
+    prefix_caching_request = adapt_engine_args(self, config, cuda=current_platform.is_cuda())
     vllm_config = original(self, *args, **kwargs)
     layout = config.layout(vllm_config.cache_config.block_size)  # raises if the budget is short
     _log_resolution(config, layout, prefix_caching_request)
     return vllm_config
+
+
+CUSTOM_BACKEND = "CUSTOM"
+FULL_GRAPH_MODES = ("FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
+
+
+def adapt_engine_args(engine_args, config: EvictionConfig, cuda: bool):
+    """Settings an evicting policy needs, applied to ``engine_args`` before vLLM resolves them;
+    returns whether prefix caching had been asked for. Raises :class:`EvictionConfigError` where
+    the user asked for something that cannot work.
+
+    Everywhere: block size 32 unless set (the eviction unit), prefix caching off, no async
+    scheduling unless set (a step is planned from each row's exact computed tokens), and vLLM's
+    V1 model runner (``VLLM_USE_V2_MODEL_RUNNER=0``: the worker hooks are V1's; workers inherit
+    the environment). On CUDA also: the ``CUSTOM`` attention backend (FlashAttention over
+    resident pages; stock ``FLASH_ATTN`` would keep every block) and piecewise CUDA graphs (page
+    work runs in Python between the captured pieces, see ``EvictingBuilderMixin``).
+    """
+    if engine_args.block_size is None:
+        # The CPU platform would pick 128; a block is the eviction unit, so keep it small.
+        engine_args.block_size = DEFAULT_EVICTING_BLOCK_SIZE
+    prefix_caching_request = engine_args.enable_prefix_caching
+    engine_args.enable_prefix_caching = False
+    if engine_args.async_scheduling is None:
+        engine_args.async_scheduling = False
+    _pin_v1_runner(config)
+    if cuda:
+        _select_custom_backend(engine_args, config)
+        _piecewise_cuda_graphs(engine_args, config)
+    return prefix_caching_request
+
+
+def _pin_v1_runner(config: EvictionConfig) -> None:
+    import os
+
+    import vllm.envs as envs
+
+    from vllm_kvevict.engine.page_runtime import V2_RUNNER_ERROR
+
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
+        raise EvictionConfigError(V2_RUNNER_ERROR.format(policy=config.policy))
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if hasattr(envs.__getattr__, "cache_clear"):  # envs cached by an engine built before
+        envs.__getattr__.cache_clear()
+
+
+def _select_custom_backend(engine_args, config: EvictionConfig) -> None:
+    requested = engine_args.attention_backend or engine_args.attention_config.backend
+    name = getattr(requested, "name", requested)
+    if name is None:
+        engine_args.attention_backend = CUSTOM_BACKEND
+    elif str(name).upper() != CUSTOM_BACKEND:
+        raise EvictionConfigError(
+            f"--kv-eviction-policy {config.policy} runs its own attention backend on CUDA "
+            f"(FlashAttention over resident pages, registered as {CUSTOM_BACKEND}); drop "
+            f"--attention-backend {name}")
+
+
+def _piecewise_cuda_graphs(engine_args, config: EvictionConfig) -> None:
+    from vllm.config import CUDAGraphMode
+
+    compilation = engine_args.compilation_config
+    mode = compilation.cudagraph_mode
+    if mode is None:
+        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    elif getattr(mode, "name", str(mode).upper()) in FULL_GRAPH_MODES:
+        raise EvictionConfigError(
+            f"--kv-eviction-policy {config.policy} runs page work in every layer, which a full "
+            f"CUDA graph would skip; use cudagraph_mode PIECEWISE or NONE instead of {mode}")
 
 
 def _log_resolution(config: EvictionConfig, layout, prefix_caching_request) -> None:

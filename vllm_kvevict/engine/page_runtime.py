@@ -1,13 +1,18 @@
 """Worker-side glue between vLLM's model runner and :class:`vllm_kvevict.pages.PageRuntime`.
 
-The attention metadata builder sees a batch as tensors with no request identity, so two hooks on
-the V1 model runner supply it:
+The attention metadata builder sees a batch as tensors with no request identity, so hooks on the
+V1 model runner (the runner the plugin pins; see ``V2_RUNNER_ERROR``) supply it:
 
 * ``_update_states`` (start of every ``execute_model``): forget requests that finished, were
   aborted or preempted (their host pages are freed at once), or resumed (they are recomputed);
   and mark that a real step is starting.
 * the builder of that step reads the runner's persistent batch (request ids, prompt lengths),
   in row order, and plans the step. Dummy/profiling runs never start a step, so they plan nothing.
+* ``initialize_kv_cache``: right after the KV cache is allocated, each builder's runtime is bound
+  to it (host store and digests allocated, :func:`bind_page_runtimes`), before any step runs.
+
+And one on the GPU worker: ``determine_available_memory`` leaves room for the device-side page
+digests, so the KV cache is sized with them accounted for (:func:`digest_bytes`).
 
 One runtime per worker process (one KV-cache group: models with other attention types are
 refused at start-up).
@@ -15,13 +20,14 @@ refused at start-up).
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 
 from vllm.logger import init_logger
 
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.attention_pages import AttentionStatsRuntime
-from vllm_kvevict.pages import CPUBlockFormat, HostPageStore, PageRuntime, RowInput
+from vllm_kvevict.pages import BlockFormat, HostPageStore, PageRuntime, RowInput
 
 logger = init_logger("vllm.kvevict")
 
@@ -33,20 +39,25 @@ _step_pending = False
 _last_log = 0.0
 _last_logged_stats: tuple | None = None
 
+V2_RUNNER_ERROR = ("--kv-eviction-policy {policy} needs vLLM's V1 model runner (its worker hooks "
+                   "are not ported to Model Runner V2); unset VLLM_USE_V2_MODEL_RUNNER or set it "
+                   "to 0")
+
 
 def current_runtime() -> PageRuntime | None:
     """The runtime created last in this process (one per worker; tests and stats)."""
     return _runtime
 
 
-def create_runtime(config: EvictionConfig, spec, layer_names: list[str],
-                   block_format=None) -> PageRuntime:
-    """A new runtime for this worker's engine (replacing one of an engine shut down before)."""
+def create_runtime(config: EvictionConfig, spec, layer_names: list[str]) -> PageRuntime:
+    """A new runtime for this worker's engine (replacing one of an engine shut down before).
+
+    Its block format is set when it is bound to the KV cache (:func:`bind_page_runtimes`)."""
     global _runtime
     from vllm_kvevict.policies import AttentionStatsPolicy, get_policy
 
     policy = get_policy(config.policy)
-    block_format = block_format or CPUBlockFormat()
+    block_format = BlockFormat()
     if isinstance(policy, AttentionStatsPolicy):
         _runtime = AttentionStatsRuntime(spec.layout, policy, block_format, len(layer_names),
                                          config.observation_window)
@@ -69,29 +80,105 @@ def create_runtime(config: EvictionConfig, spec, layer_names: list[str],
 
 
 def install_runner_hooks() -> None:
-    """Wrap ``GPUModelRunner._update_states`` (idempotent; the CPU runner inherits it)."""
+    """Wrap the V1 runner's ``_update_states`` and ``initialize_kv_cache`` and the GPU worker's
+    ``determine_available_memory`` (idempotent; the CPU runner inherits the runner's)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
 
-    original = GPUModelRunner._update_states
+    _wrap(GPUModelRunner, "_update_states", _update_states)
+    _wrap(GPUModelRunner, "initialize_kv_cache", _initialize_kv_cache)
+    _wrap(Worker, "determine_available_memory", determine_available_memory)
+
+
+def _wrap(cls, name: str, hook) -> None:
+    original = getattr(cls, name)
     if getattr(original, "_kvevict", False):
         return
 
     @functools.wraps(original)
-    def _update_states(self, scheduler_output):
-        global _active_runner, _step_pending
-        runtime = getattr(self, "_kvevict_runtime", None)
-        if runtime is not None:
-            gone = set(scheduler_output.finished_req_ids)
-            gone |= set(scheduler_output.preempted_req_ids or ())
-            gone |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
-            for req_id in gone:
-                runtime.release(req_id)
-        result = original(self, scheduler_output)
-        _active_runner, _step_pending = self, True
-        return result
+    def wrapper(self, *args, **kwargs):
+        return hook(original, self, *args, **kwargs)
 
-    _update_states._kvevict = True
-    GPUModelRunner._update_states = _update_states
+    wrapper._kvevict = True
+    setattr(cls, name, wrapper)
+
+
+def _update_states(original, runner, scheduler_output):
+    global _active_runner, _step_pending
+    runtime = getattr(runner, "_kvevict_runtime", None)
+    if runtime is not None:
+        gone = set(scheduler_output.finished_req_ids)
+        gone |= set(scheduler_output.preempted_req_ids or ())
+        gone |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+        for req_id in gone:
+            runtime.release(req_id)
+    result = original(runner, scheduler_output)
+    _active_runner, _step_pending = runner, True
+    return result
+
+
+def _initialize_kv_cache(original, runner, kv_cache_config, *args, **kwargs):
+    result = original(runner, kv_cache_config, *args, **kwargs)
+    is_profiling = kwargs.get("is_profiling", args[0] if args else False)
+    if not is_profiling:
+        bind_page_runtimes(runner.attn_groups,
+                           runner.compilation_config.static_forward_context)
+    return result
+
+
+def bind_page_runtimes(attn_groups, forward_context: dict) -> None:
+    """Bind the page runtime of every evicting builder to its layers' freshly allocated KV cache:
+    the builder names the block format, the first layer gives shapes and dtype."""
+    from vllm_kvevict.engine.kv_spec import EvictingAttentionSpec
+
+    for group in itertools.chain.from_iterable(attn_groups):
+        if not isinstance(group.kv_cache_spec, EvictingAttentionSpec):
+            continue
+        layer = forward_context[group.layer_names[0]]
+        kv_cache = layer.kv_cache
+        for builder in group.metadata_builders:
+            runtime = builder._page_runtime()
+            if runtime is None or runtime.bound:
+                continue
+            runtime.format = builder.block_format(layer, kv_cache)
+            impl = layer.impl
+            runtime.bind(kv_cache, impl.num_kv_heads, impl.head_size, impl.scale)
+
+
+def digest_bytes(spec, policy, num_layers: int, available_bytes: int) -> int:
+    """Device bytes the page digests of one worker take out of ``available_bytes``.
+
+    A digest is ``[2, kv_heads, head_dim]`` float32 per page and layer: one per host page under a
+    recalling policy (arkvale), one per KV-cache block otherwise (quest), so then it shares the
+    memory with the blocks in proportion.
+    """
+    from vllm_kvevict.policies import PageSelectionPolicy
+
+    if not isinstance(policy, PageSelectionPolicy):
+        return 0  # no digests (attention statistics are kept per request, on the device)
+    per_page = 2 * spec.num_kv_heads * spec.head_size * 4 * num_layers
+    if policy.recalls:
+        return spec.host_pages * per_page
+    block = spec.page_size_bytes * num_layers
+    return available_bytes * per_page // (block + per_page)
+
+
+def determine_available_memory(original, worker) -> int:
+    """The GPU worker's KV-cache memory, less the page digests when vLLM sized it from free
+    memory (an explicit ``--kv-cache-memory-bytes`` is kept as given)."""
+    from vllm_kvevict.engine.kv_spec import EvictingAttentionSpec
+    from vllm_kvevict.policies import get_policy
+
+    available = original(worker)
+    specs = [spec for spec in worker.model_runner.get_kv_cache_spec().values()
+             if isinstance(spec, EvictingAttentionSpec)]
+    if not specs or worker.cache_config.kv_cache_memory_bytes is not None:
+        return available
+    policy = get_policy(EvictionConfig.from_vllm_config(worker.vllm_config).policy)
+    reserved = digest_bytes(specs[0], policy, len(specs), available)
+    logger.info("vllm-kvevict: %.2f GiB of device memory for page digests, not for the KV cache",
+                reserved / 2**30)
+    return available - reserved
 
 
 def take_step_rows(cm, runtime: PageRuntime) -> list[RowInput] | None:
