@@ -83,7 +83,9 @@ class FakeEngine:
         self.layout = layout
         self.runtime = runtime or PageRuntime(layout, get_policy(policy), "cuboid-mean", sparse,
                                               self.store, self.fmt, LAYERS)
-        self.page_keys = torch.randn(200, HEAD_DIM)  # keys of page p: around page_keys[p]
+        # Seeded here: the outcome must not depend on which tests ran before in the process.
+        self.rng = torch.Generator().manual_seed(0)
+        self.page_keys = torch.randn(200, HEAD_DIM, generator=self.rng)  # page p's keys: near it
 
     def step(self, batch: dict[str, int], prompts: dict[str, int], favour: dict[str, int]):
         """Run one step: ``batch`` maps request -> tokens to compute; ``favour`` the page whose
@@ -110,7 +112,8 @@ class FakeEngine:
             table = self.tables[row.req_id]
             slots = torch.tensor([table[p] for p in pages.tolist()]) * BS + tokens % BS
             for layer in range(LAYERS):
-                keys = self.page_keys[pages] + 0.01 * torch.randn(len(tokens), HEAD_DIM)
+                noise = torch.randn(len(tokens), HEAD_DIM, generator=self.rng)
+                keys = self.page_keys[pages] + 0.01 * noise
                 keys = keys.unsqueeze(1).expand(-1, KV_HEADS, -1)
                 values = (pages + 100 * layer).float().view(-1, 1, 1).expand(-1, KV_HEADS,
                                                                               HEAD_DIM)
@@ -119,7 +122,12 @@ class FakeEngine:
             query[last] = 10 * self.page_keys[favour.get(row.req_id, 0)]
         tables = {}
         for layer in range(LAYERS):
-            tables[layer] = self.runtime.before_attention(layer, query, self.kv[layer], plan)
+            attended = self.runtime.before_attention(layer, query, self.kv[layer], plan)
+            tables[layer] = {}
+            if attended is not None:  # what the kernel reads: cdiv(seq_len, BS) blocks per row
+                for row, blocks in zip(*attended):
+                    num_blocks = cdiv(plan.sparse_seq_lens[int(row)], BS)
+                    tables[layer][int(row)] = blocks[:num_blocks]
             self.runtime.after_attention(layer, query, self.kv[layer], plan)
         for row in rows:
             self.computed[row.req_id] += row.num_new

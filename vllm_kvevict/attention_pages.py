@@ -136,8 +136,8 @@ class AttentionStatsRuntime(RequestRegistry):
     # --- per layer -----------------------------------------------------------------------------
 
     def before_attention(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
-                         plan: StatsStepPlan) -> dict[int, torch.Tensor]:
-        return {}  # every row attends over all its resident pages
+                         plan: StatsStepPlan) -> None:
+        return None  # every row attends over all its resident pages
 
     def after_attention(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
                         plan: StatsStepPlan) -> None:

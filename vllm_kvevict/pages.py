@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from vllm_kvevict.algorithms.digest import page_digests
-from vllm_kvevict.algorithms.selection import select_pages
+from vllm_kvevict.algorithms.selection import keep_mask
 from vllm_kvevict.paging import PageLayout, cdiv
 
 
@@ -279,15 +279,67 @@ def own_row_blocks(state: RequestPages, row: RowInput, layout: PageLayout, num_l
 
 @dataclasses.dataclass
 class RowSelection:
+    """A row that selects pages in this step (what :class:`SelectionBatch` stacks)."""
+
     row: int
     token: int  # the query token that scores pages
     state: RequestPages
     num_full: int  # backed-up pages
     num_full_cols: int  # owned blocks holding full pages (the page being filled excluded)
-    partial_block: int | None  # the block of the page being filled, if any
-    blocks: torch.Tensor  # block id per owned column (int64)
-    window_full: int
-    survivors: torch.Tensor | None = None  # prefill end: columns that stay owned
+    num_keep: int  # pages kept: sinks + full window + top-k
+    pinned: tuple[int, int]  # pages [0, a) and [b, num_full) are always kept
+    partial_block: int  # the block of the page being filled, -1 if none
+    candidates: list[int]  # full columns that may receive a kept page
+
+
+class SelectionBatch:
+    """The step's selecting rows as padded tensors, built once per step, read by every layer.
+
+    ``R`` rows; ``P`` the most full pages of a row and ``C`` the most full columns (owned
+    blocks holding full pages). Page ``P`` stands for "no page": ``held`` holds it in the
+    padding columns, and padding pages are not ``valid``. ``held[layer]`` is updated by the
+    layers' moves and written back to the requests' page tables after the last layer
+    (:meth:`commit`).
+    """
+
+    def __init__(self, selections: list[RowSelection], host_ids: Sequence[Sequence[int]],
+                 num_layers: int, device) -> None:
+        rows = len(selections)
+        num_pages = max(sel.num_full for sel in selections)
+        num_cols = max(sel.num_full_cols for sel in selections)
+        self.states = [sel.state for sel in selections]
+        self.num_cols = [sel.num_full_cols for sel in selections]
+        self.rows = torch.tensor([sel.row for sel in selections], device=device)
+        self.tokens = torch.tensor([sel.token for sel in selections], device=device)
+        self.num_keep = torch.tensor([sel.num_keep for sel in selections], device=device)
+        self.partial_blocks = torch.tensor([sel.partial_block for sel in selections],
+                                           device=device)
+        self.host_ids = torch.zeros((rows, num_pages), dtype=torch.int64)
+        self.valid = torch.zeros((rows, num_pages), dtype=torch.bool)
+        self.pinned = torch.zeros((rows, num_pages), dtype=torch.bool)
+        self.blocks = torch.zeros((rows, num_cols), dtype=torch.int64)
+        self.candidates = torch.zeros((rows, num_cols), dtype=torch.bool)
+        self.held = torch.full((num_layers, rows, num_cols), num_pages, dtype=torch.int64)
+        for i, (sel, hosts) in enumerate(zip(selections, host_ids)):
+            n, cols = sel.num_full, sel.num_full_cols
+            self.host_ids[i, :n] = torch.tensor(hosts[:n])
+            self.valid[i, :n] = True
+            self.pinned[i, :sel.pinned[0]] = True
+            self.pinned[i, sel.pinned[1]:n] = True
+            self.blocks[i, :cols] = torch.tensor(sel.state.block_ids[:cols])
+            self.candidates[i, sel.candidates] = True
+            self.held[:, i, :cols] = sel.state.held[:, :cols]
+        for name in ("host_ids", "valid", "pinned", "blocks", "candidates", "held"):
+            setattr(self, name, getattr(self, name).to(device))
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def commit(self) -> None:
+        """Write the pages each column holds back to the requests' page tables."""
+        held = self.held.cpu()
+        for i, (state, cols) in enumerate(zip(self.states, self.num_cols)):
+            state.held[:, :cols] = held[:, i, :cols]
 
 
 @dataclasses.dataclass
@@ -296,8 +348,8 @@ class StepPlan:
 
     backup_blocks: torch.Tensor  # [n] blocks of pages filled this step
     backup_hosts: torch.Tensor  # [n] their host pages
-    selections: list[RowSelection]  # decode rows with evicted pages: select + recall
-    prefill_ends: list[RowSelection]  # rows finishing their prompt: keep the best pages
+    selections: SelectionBatch | None  # decode rows with evicted pages: select + recall
+    prefill_ends: SelectionBatch | None  # rows finishing their prompt: keep the best pages
     sparse_seq_lens: dict[int, int]  # row -> tokens attended under sparse attention
 
     @property
@@ -370,7 +422,9 @@ class PageRuntime(RequestRegistry):
         layout, bs = self.layout, self.layout.block_size
         backup_blocks: list[int] = []
         backup_hosts: list[int] = []
-        selections, prefill_ends, sparse = [], [], {}
+        selections: list[RowSelection] = []
+        prefill_ends: list[RowSelection] = []
+        sparse: dict[int, int] = {}
         for i, row in enumerate(rows):
             state = self._state_for(row)
             seq_len = row.num_computed + row.num_new
@@ -396,8 +450,7 @@ class PageRuntime(RequestRegistry):
             restricts = (not self.recalls
                          and num_full > layout.selected_pages(num_full, partial))
             if not prefilling and (len(evicted) or restricts):
-                sel = self._selection(i, last_token, state, num_full, partial, device)
-                selections.append(sel)
+                selections.append(self._selection(i, last_token, state, num_full, partial))
                 self.stats.selections += 1
                 if self.sparse_attention:
                     num_selected = layout.selected_pages(num_full, partial)
@@ -405,69 +458,63 @@ class PageRuntime(RequestRegistry):
             elif prefilling and seq_len >= row.num_prompt:
                 after = layout.evicted_pages(seq_len, prefilling=False)
                 if len(after):
-                    sel = self._selection(i, last_token, state, num_full, partial, device)
-                    sel.survivors = torch.tensor(
-                        [c for c, p in enumerate(positions[:sel.num_full_cols]) if p not in after],
-                        dtype=torch.int64)
+                    sel = self._selection(i, last_token, state, num_full, partial)
+                    # Only blocks that stay owned receive kept pages.
+                    sel.candidates = [c for c in sel.candidates if positions[c] not in after]
                     prefill_ends.append(sel)
         as_tensor = lambda ids: torch.tensor(ids, dtype=torch.int64, device=device)  # noqa: E731
-        return StepPlan(as_tensor(backup_blocks), as_tensor(backup_hosts), selections,
-                        prefill_ends, sparse)
+        batch = lambda rows: (SelectionBatch(  # noqa: E731
+            rows, [sel.state.host_ids for sel in rows], self.num_layers, device) if rows else None)
+        return StepPlan(as_tensor(backup_blocks), as_tensor(backup_hosts), batch(selections),
+                        batch(prefill_ends), sparse)
 
-    def _selection(self, row: int, token: int, state: RequestPages, num_full: int, partial: bool,
-                   device) -> RowSelection:
+    def _selection(self, row: int, token: int, state: RequestPages, num_full: int,
+                   partial: bool) -> RowSelection:
+        layout = self.layout
         num_full_cols = len(state.positions) - (1 if partial else 0)
+        window_full = layout.window_pages - (1 if partial else 0)
         return RowSelection(
             row=row, token=token, state=state, num_full=num_full, num_full_cols=num_full_cols,
-            partial_block=state.block_ids[-1] if partial else None,
-            blocks=torch.tensor(state.block_ids, dtype=torch.int64, device=device),
-            window_full=self.layout.window_pages - (1 if partial else 0))
+            num_keep=min(num_full, layout.sink_pages + window_full + layout.top_k_pages),
+            pinned=(layout.sink_pages, max(0, num_full - window_full)),
+            partial_block=state.block_ids[-1] if partial else -1,
+            candidates=list(range(num_full_cols)))
 
     # --- per layer -----------------------------------------------------------------------------
 
     def before_attention(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
-                         plan: StepPlan) -> dict[int, torch.Tensor]:
-        """Back up this step's full pages, then select and recall for decode rows.
+                         plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Back up this step's full pages, then select and recall for all decode rows at once.
 
-        Returns, under sparse attention, the blocks each selecting row attends over (the page
-        being filled last); otherwise an empty dict (rows attend over all owned blocks).
+        Returns, under sparse attention, ``(rows, table)``: each selecting row's blocks to
+        attend over (kept pages in column order, then the page being filled; the rest of the
+        table row is unspecified); otherwise None (rows attend over all owned blocks).
         """
         if plan.backup_blocks.numel():
             self._backup(layer, kv_cache, plan.backup_blocks, plan.backup_hosts)
-        tables = {}
-        for sel in plan.selections:
-            keep, scores = self._keep(layer, query, sel)
-            held = sel.state.held[layer]
-            self._make_resident(layer, kv_cache, sel, keep, scores, held)
-            if self.sparse_attention:
-                cols = torch.isin(held[:sel.num_full_cols], keep).nonzero().squeeze(1)
-                blocks = sel.blocks[cols.to(sel.blocks.device)]
-                if sel.partial_block is not None:
-                    blocks = torch.cat([blocks, sel.blocks[-1:]])
-                tables[sel.row] = blocks
-        return tables
+        batch = plan.selections
+        if batch is None:
+            return None
+        keep, scores = self._keep(layer, query, batch)
+        moved = self._place_kept(layer, kv_cache, batch, keep, scores, from_host=True)
+        self.stats.recalled += moved
+        if layer == self.num_layers - 1:
+            batch.commit()
+        if not self.sparse_attention:
+            return None
+        return batch.rows, _attended_blocks(batch, keep, batch.held[layer])
 
     def after_attention(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
                         plan: StepPlan) -> None:
         """Rows that finished their prompt: move the best pages (scored with the last prompt
         query) into the blocks that stay owned, before the scheduler frees the others."""
-        for sel in plan.prefill_ends:
-            keep, scores = self._keep(layer, query, sel)
-            held = sel.state.held[layer]
-            survivors = sel.survivors
-            present = torch.isin(held[survivors], keep)
-            missing = keep[~torch.isin(keep, held[survivors])]
-            if not missing.numel():
-                continue
-            victims = _lowest_scored(survivors[~present], held, scores, missing.numel())
-            # Before the prefill's end every block holds its own page: page p sits in column
-            # positions.index(p); the sources are columns that will be freed.
-            source_cols = torch.tensor([sel.state.positions.index(int(p)) for p in missing])
-            device = sel.blocks.device
-            pages = self.format.read(kv_cache, sel.blocks[source_cols.to(device)])
-            self.format.write(kv_cache, sel.blocks[victims.to(device)], pages)
-            held[victims] = missing
-            self.stats.evicted += missing.numel()
+        batch = plan.prefill_ends
+        if batch is None:
+            return
+        keep, scores = self._keep(layer, query, batch)
+        self._place_kept(layer, kv_cache, batch, keep, scores, from_host=False)
+        if layer == self.num_layers - 1:
+            batch.commit()
 
     def _backup(self, layer: int, kv_cache: torch.Tensor, blocks: torch.Tensor,
                 hosts: torch.Tensor) -> None:
@@ -483,46 +530,76 @@ class PageRuntime(RequestRegistry):
             for host, page in zip(hosts.tolist(), pages):
                 host_pages[host].copy_(page, non_blocking=True)
 
-    def _keep(self, layer: int, query: torch.Tensor, sel: RowSelection):
-        """Pages kept for ``sel`` in ``layer`` (ascending) and the scores of all full pages."""
-        digests = self.store.digests[layer]
-        hosts = sel.state.host_id_tensor(sel.num_full, digests.device)
-        box = digests[hosts]
-        scores = self.policy.score(query[sel.token], box[:, 0], box[:, 1]).cpu()
-        keep = select_pages(scores, self.layout.sink_pages, sel.window_full,
-                            self.layout.top_k_pages)
+    def _keep(self, layer: int, query: torch.Tensor, batch: SelectionBatch):
+        """``[R, P]`` pages each row keeps in ``layer`` and the scores of all its pages."""
+        box = self.store.digests[layer][batch.host_ids]  # [R, P, 2, kv_heads, head_dim]
+        scores = self.policy.score(query[batch.tokens], box[:, :, 0], box[:, :, 1])
+        keep = keep_mask(scores, batch.valid, batch.pinned, batch.num_keep)
         if self.probe is not None:
-            pages = self.store.pages[layer][sel.state.host_id_tensor(sel.num_full, "cpu")]
-            self.probe.record(query[sel.token].cpu(), self.format.keys(pages).cpu(), scores,
-                              self.layout.sink_pages, sel.window_full, self.layout.top_k_pages)
+            self._probe(layer, query, batch, scores)
         return keep, scores
 
-    def _make_resident(self, layer: int, kv_cache: torch.Tensor, sel: RowSelection,
-                       keep: torch.Tensor, scores: torch.Tensor, held: torch.Tensor) -> None:
-        """Recall kept pages that this layer does not hold, over the lowest-scored pages that
-        are not kept (never the page being filled)."""
-        held_full = held[:sel.num_full_cols]
-        present = torch.isin(held_full, keep)
-        missing = keep[~torch.isin(keep, held_full)]
-        if not missing.numel():
-            return
-        victims = _lowest_scored((~present).nonzero().squeeze(1), held, scores, missing.numel())
-        host_pages = self.store.pages[layer]
-        hosts = [sel.state.host_ids[p] for p in missing.tolist()]
-        blocks = sel.blocks[victims.to(sel.blocks.device)]
-        if host_pages.device == kv_cache.device:
-            self.format.write(kv_cache, blocks, host_pages[torch.tensor(hosts)])
+    def _place_kept(self, layer: int, kv_cache: torch.Tensor, batch: SelectionBatch,
+                    keep: torch.Tensor, scores: torch.Tensor, from_host: bool) -> int:
+        """Make every kept page resident in a candidate column of its row: kept pages that no
+        candidate holds go, in ascending page order, over the candidates holding the
+        lowest-scored pages not kept. Their content comes from the host store, or, at a
+        prompt's end (``from_host=False``), from the page's own block (then page ``p`` is held
+        by column ``p``: nothing was evicted yet). Returns the page copies made."""
+        held = batch.held[layer]  # [R, C]
+        rows, num_pages = keep.shape
+        candidates = batch.candidates
+        keep_padded = torch.nn.functional.pad(keep, (0, 1))  # page P: no page
+        in_place = torch.zeros_like(keep_padded).scatter_(
+            1, torch.where(candidates, held, num_pages), True)[:, :num_pages]
+        missing = keep & ~in_place
+        if not missing.any():  # most steps and layers (on CUDA: one sync per layer)
+            return 0
+        held_kept = keep_padded.gather(1, held) & candidates
+        victims = candidates & ~held_kept
+        victim_scores = torch.nn.functional.pad(scores.float(), (0, 1)).gather(1, held)
+        victim_scores = victim_scores.masked_fill(~victims, float("inf"))
+        width = min(num_pages, held.shape[1])
+        victim_cols = torch.argsort(victim_scores, dim=1, stable=True)[:, :width]
+        missing_pages = torch.argsort((~missing).to(torch.uint8), dim=1, stable=True)[:, :width]
+        pairs = torch.arange(width, device=keep.device) < missing.sum(1, keepdim=True)
+        row_ids = torch.arange(rows, device=keep.device)[:, None].expand(rows, width)[pairs]
+        pages, cols = missing_pages[pairs], victim_cols[pairs]
+        if not pages.numel():
+            return 0
+        blocks = batch.blocks[row_ids, cols]
+        if from_host:
+            host_pages = self.store.pages[layer]
+            hosts = batch.host_ids[row_ids, pages].to(host_pages.device)
+            self.format.write(kv_cache, blocks, host_pages.index_select(0, hosts))
         else:
-            # One stream-ordered copy per page straight from pinned memory, so a recall always
-            # sees the backup queued before it.
-            for i, host in enumerate(hosts):
-                self.format.write(kv_cache, blocks[i:i + 1], host_pages[host:host + 1])
-        held[victims] = missing
-        self.stats.recalled += missing.numel()
-        self.stats.evicted += missing.numel()
+            source = batch.blocks[row_ids, pages]
+            self.format.write(kv_cache, blocks, self.format.read(kv_cache, source))
+        held[row_ids, cols] = pages
+        self.stats.evicted += pages.numel()
+        return pages.numel()
+
+    def _probe(self, layer: int, query: torch.Tensor, batch: SelectionBatch,
+               scores: torch.Tensor) -> None:
+        """Benchmarks only: compare each row's digest ranking with exact attention."""
+        layout = self.layout
+        for i in range(len(batch)):
+            n = int(batch.valid[i].sum())
+            window_full = int(batch.pinned[i, layout.sink_pages:n].sum())
+            pages = self.store.pages[layer][batch.host_ids[i, :n].cpu()]
+            self.probe.record(query[batch.tokens[i]].cpu(), self.format.keys(pages).cpu(),
+                              scores[i, :n].cpu(), layout.sink_pages, window_full,
+                              layout.top_k_pages)
 
 
-def _lowest_scored(columns: torch.Tensor, held: torch.Tensor, scores: torch.Tensor,
-                   n: int) -> torch.Tensor:
-    """The ``n`` of ``columns`` whose held pages score lowest: where recalled pages go."""
-    return columns[torch.argsort(scores[held[columns]], stable=True)][:n]
+def _attended_blocks(batch: SelectionBatch, keep: torch.Tensor,
+                     held: torch.Tensor) -> torch.Tensor:
+    """``[R, C + 1]``: each row's blocks holding kept pages, in column order, then the block of
+    the page being filled (at index ``num_keep``)."""
+    kept = torch.nn.functional.pad(keep, (0, 1)).gather(1, held)
+    order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)
+    table = torch.nn.functional.pad(batch.blocks.gather(1, order), (0, 1))
+    at = batch.num_keep[:, None]
+    partial = batch.partial_blocks[:, None]
+    table.scatter_(1, at, torch.where(partial >= 0, partial, table.gather(1, at)))
+    return table

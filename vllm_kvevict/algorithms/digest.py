@@ -8,6 +8,7 @@ A digest bounds the post-RoPE keys of one filled page, per KV head, by a box ``[
 
 The score of a page for a query ``q`` is ``sum_d max(q_d * hi_d, q_d * lo_d)``: the largest
 ``q . k`` any key inside the box could reach (exact for cuboid-max, an estimate for cuboid-mean).
+Both digests have ``hi >= lo``.
 """
 from __future__ import annotations
 
@@ -40,25 +41,28 @@ def page_digests(keys: torch.Tensor, kind: str = "cuboid-mean") -> tuple[torch.T
 
 def score_pages(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
                 per_kv_head: bool = False) -> torch.Tensor:
-    """Upper-bound scores of pages for one decode query.
+    """Upper-bound scores of pages for decode queries, one request or a batch (leading dims).
 
     Args:
-        query: ``[num_q_heads, head_dim]``; query head ``h`` reads KV head
+        query: ``[..., num_q_heads, head_dim]``; query head ``h`` reads KV head
             ``h // (num_q_heads // num_kv_heads)`` (GQA).
-        hi, lo: ``[num_pages, num_kv_heads, head_dim]`` digests.
-        per_kv_head: False: one ranking, the mean over all query heads (``[num_pages]``).
+        hi, lo: ``[..., num_pages, num_kv_heads, head_dim]`` digests.
+        per_kv_head: False: one ranking, the mean over all query heads (``[..., num_pages]``).
             True: one ranking per KV head, the mean over its query group
-            (``[num_kv_heads, num_pages]``).
+            (``[..., num_kv_heads, num_pages]``).
     """
-    num_q_heads, head_dim = query.shape
-    num_pages, num_kv_heads, _ = hi.shape
+    num_q_heads, head_dim = query.shape[-2:]
+    num_kv_heads = hi.shape[-2]
     if num_q_heads % num_kv_heads:
         raise ValueError(f"{num_q_heads} query heads do not divide into {num_kv_heads} KV heads")
     group = num_q_heads // num_kv_heads
-    q = query.float().view(num_kv_heads, group, 1, head_dim)       # [kv, g, 1, d]
-    hi_t = hi.permute(1, 0, 2).unsqueeze(1)                          # [kv, 1, pages, d]
-    lo_t = lo.permute(1, 0, 2).unsqueeze(1)
-    per_head = torch.maximum(q * hi_t, q * lo_t).sum(dim=-1)        # [kv, g, pages]
+    # hi >= lo, so max(q hi, q lo) = max(q, 0) hi + min(q, 0) lo: two contractions, no
+    # [..., heads, pages, head_dim] intermediate. Averaging over a query group commutes with it.
+    q = query.float().unflatten(-2, (num_kv_heads, group))              # [..., kv, g, d]
+    q_pos = q.clamp(min=0).mean(dim=-2)                                   # [..., kv, d]
+    q_neg = q.clamp(max=0).mean(dim=-2)
+    per_kv = (torch.einsum("...kd,...pkd->...kp", q_pos, hi.float())
+              + torch.einsum("...kd,...pkd->...kp", q_neg, lo.float()))  # [..., kv, pages]
     if per_kv_head:
-        return per_head.mean(dim=1)
-    return per_head.mean(dim=(0, 1))
+        return per_kv
+    return per_kv.mean(dim=-2)

@@ -211,10 +211,11 @@ def forward_with_pages(forward, layer, query, key, value, kv_cache, attn_metadat
     index = runtime.layer_index[layer.layer_name]
     tables = runtime.before_attention(index, query, kv_cache, plan)
     layer_metadata = attn_metadata
-    if tables:
+    if tables is not None:  # sparse attention: the selecting rows' blocks to attend over
+        rows, table = tables
         block_table = attn_metadata.block_table.clone()
-        for row, blocks in tables.items():
-            block_table[row, :blocks.numel()] = blocks.to(block_table.dtype)
+        width = min(table.shape[1], block_table.shape[1])
+        block_table[rows, :width] = table[:, :width].to(block_table.dtype)
         layer_metadata = dataclasses.replace(attn_metadata, block_table=block_table)
     result = forward(layer, query, key, value, kv_cache, layer_metadata, output, *args, **kwargs)
     runtime.after_attention(index, query, kv_cache, plan)

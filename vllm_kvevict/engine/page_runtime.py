@@ -28,6 +28,7 @@ from vllm.logger import init_logger
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.attention_pages import AttentionStatsRuntime
 from vllm_kvevict.pages import BlockFormat, HostPageStore, PageRuntime, RowInput
+from vllm_kvevict.paging import cdiv
 
 logger = init_logger("vllm.kvevict")
 
@@ -199,7 +200,9 @@ def take_step_rows(cm, runtime: PageRuntime) -> list[RowInput] | None:
     query_start = cm.query_start_loc_cpu[:num_reqs + 1].tolist()
     seq_lens = (cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None
                 else cm.seq_lens.cpu())[:num_reqs].tolist()
-    table = cm.block_table_tensor[:num_reqs].cpu().tolist()
+    # The runner's host copy of the block table (the device one would cost a sync).
+    num_pages = cdiv(max(seq_lens, default=0), runtime.layout.block_size)
+    table = batch.block_table.block_tables[0].get_cpu_tensor()[:num_reqs, :num_pages].tolist()
     rows = []
     for i, req_id in enumerate(req_ids):
         num_new = query_start[i + 1] - query_start[i]
