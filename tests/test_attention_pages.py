@@ -1,6 +1,7 @@
 """Evict-only pages ranked by attention statistics (h2o, tova, roco, snapkv), driven like vLLM
 drives them (the fake scheduler of ``test_pages``: a block's values name the page it holds)."""
 import pytest
+import torch
 
 from tests.test_pages import BS, CACHES, HEAD_DIM, LAYERS, FakeEngine, cache  # noqa: F401
 from vllm_kvevict.attention_pages import AttentionStatsRuntime
@@ -101,3 +102,39 @@ def test_request_recomputed_from_scratch_starts_over():
     assert eng.runtime.requests["a"] is not before
     for pages in held_pages(eng):
         assert 5 in pages
+
+
+class RowByRowRuntime(AttentionStatsRuntime):
+    """The same runtime observing every row on its own (the reference for the batched path)."""
+
+    def plan_step(self, rows, device):
+        plan = super().plan_step(rows, device)
+        for obs in plan.observed:
+            obs.decode_index = None
+        plan.decode, plan.per_row = None, plan.observed
+        return plan
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "roco"])
+def test_decode_rows_observed_together_match_row_by_row(policy, cache):
+    engines = []
+    for runtime_cls in (AttentionStatsRuntime, RowByRowRuntime):
+        runtime = runtime_cls(LAYOUT, get_policy(policy), cache.fmt, LAYERS, 4)
+        runtime.bind(None, 1, HEAD_DIM, HEAD_DIM ** -0.5)
+        engines.append(FakeEngine(layout=LAYOUT, runtime=runtime, cache=cache))
+    prompts = {"a": 10 * BS, "b": 7 * BS + 2, "c": 3 * BS + 1}
+    for eng in engines:
+        eng.step(dict(prompts), prompts, favour={"a": 2, "b": 5, "c": 1})
+    batched = 0
+    for step in range(2 * BS + 3):
+        for eng in engines:
+            plan, _ = eng.step({"a": 1, "b": 1, "c": 1}, prompts,
+                               favour={"a": 2 + step % 3, "b": 4, "c": step % 2})
+            batched += plan.decode is not None and len(plan.decode.observers) == 3
+        fast, slow = (eng.runtime.requests for eng in engines)
+        for req in prompts:
+            assert torch.equal(fast[req].held, slow[req].held)
+            torch.testing.assert_close(fast[req].attention, slow[req].attention)
+            if all(obs.survivors is None for obs in plan.observed):  # else: before the frees
+                engines[0].check_invariants(req)
+    assert batched == 2 * BS + 3  # every step observed the three rows together

@@ -305,3 +305,24 @@ def test_quest_keeps_every_page_and_attends_over_the_selection(cache):
         assert pages[-1] == 10 and 0 in pages and 6 in pages and len(pages) == selected + 1
     assert engine.runtime.stats.recalled == 0 and engine.store.used_pages == 0
     engine.runtime.release("a")
+
+
+@pytest.mark.parametrize("tiles", [(1, 8), (4, 1), (2, 2), None], ids=str)
+def test_cpu_key_layouts_read_as_views_or_by_gather(tiles):
+    """Keys of a CPU page in a tiled layout (the kernels' ISA-specific orders) read the same
+    through views as through the element gather; other orders fall back to the gather."""
+    from vllm_kvevict.pages import key_tiles
+
+    block, dim = 4, 8
+    t, d = torch.arange(block).unsqueeze(1), torch.arange(dim).unsqueeze(0)
+    if tiles is None:
+        key_index = torch.randperm(block * dim, generator=torch.Generator().manual_seed(1))
+    else:
+        tile_t, tile_d = tiles
+        key_index = ((((t // tile_t) * (dim // tile_d) + d // tile_d) * (tile_t * tile_d)
+                      + (t % tile_t) * tile_d + d % tile_d).flatten())
+    assert (key_tiles(key_index, block, dim) is None) == (tiles is None)
+    pages = torch.randn(3, 2, block, 2 * dim)
+    gathered = (pages.reshape(3, 2, -1)[:, :, :block * dim].index_select(2, key_index)
+                .reshape(3, 2, block, dim).permute(0, 2, 1, 3))
+    assert torch.equal(CPUBlockFormat(key_index).keys(pages), gathered)

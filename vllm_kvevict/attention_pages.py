@@ -28,7 +28,8 @@ from typing import Sequence
 
 import torch
 
-from vllm_kvevict.algorithms.attention_stats import (NUM_STATS, PageAttentionStats, accumulate,
+from vllm_kvevict.algorithms.attention_stats import (COUNT, LAST, NUM_STATS, SQUARES, TOTAL,
+                                                     PageAttentionStats, accumulate,
                                                      page_attention_mass)
 from vllm_kvevict.algorithms.selection import topk_prefer_recent
 from vllm_kvevict.pages import (BlockFormat, HostPageStore, PageStats, RequestPages,
@@ -49,11 +50,49 @@ class ObservedRow:
     num_full_cols: int  # owned columns holding full pages (the page being filled excluded)
     blocks: torch.Tensor  # block id per owned column
     survivors: torch.Tensor | None  # full columns that stay owned; None: nothing is freed
+    decode_index: int | None = None  # its row in the step's DecodeObservers, if any
+
+
+class DecodeObservers:
+    """The rows that observe one decode query in this step, as padded tensors built once per
+    step: every layer observes them all at once.
+
+    ``R`` rows, ``C`` the most owned columns, ``P`` the largest statistics capacity. ``held``
+    copies the pages each column holds (page ``P`` in padding columns: its keys are never
+    seen); ``stats`` ``[R, layers, NUM_STATS, P + 1]`` gathers the rows' statistics (column
+    ``P`` absorbs the padding) and is written back after the last layer (:meth:`commit`).
+    """
+
+    def __init__(self, observers: list[ObservedRow], num_layers: int, device) -> None:
+        rows = len(observers)
+        num_cols = max(len(obs.state.block_ids) for obs in observers)
+        capacity = max(obs.state.attention.shape[2] for obs in observers)
+        self.observers = observers
+        self.queries = torch.tensor([obs.first_query for obs in observers], device=device)
+        self.positions = torch.tensor([obs.num_tokens - 1 for obs in observers], device=device)
+        self.blocks = torch.zeros((rows, num_cols), dtype=torch.int64, device=device)
+        self.held = torch.full((num_layers, rows, num_cols), capacity, dtype=torch.int64,
+                               device=device)
+        self.stats = torch.zeros((rows, num_layers, NUM_STATS, capacity + 1),
+                                 dtype=torch.float32, device=device)
+        for i, obs in enumerate(observers):
+            cols, have = obs.blocks.numel(), obs.state.attention.shape[2]
+            obs.decode_index = i
+            self.blocks[i, :cols] = obs.blocks
+            self.held[:, i, :cols] = obs.state.held.to(device)
+            self.stats[i, :, :, :have] = obs.state.attention
+
+    def commit(self) -> None:
+        for i, obs in enumerate(self.observers):
+            have = obs.state.attention.shape[2]
+            obs.state.attention.copy_(self.stats[i, :, :, :have])
 
 
 @dataclasses.dataclass
 class StatsStepPlan:
     observed: list[ObservedRow]
+    decode: DecodeObservers | None = None  # rows observing one decode query, batched
+    per_row: list[ObservedRow] = dataclasses.field(default_factory=list)  # the others, evictions
     sparse_seq_lens: dict[int, int] = dataclasses.field(default_factory=dict)  # always empty
 
     @property
@@ -121,7 +160,12 @@ class AttentionStatsRuntime(RequestRegistry):
                 num_full_cols=num_full_cols,
                 blocks=torch.tensor(blocks, dtype=torch.int64, device=device),
                 survivors=survivors))
-        return StatsStepPlan(observed)
+        # Single-query observers (decode steps) are observed together; the others (a prompt's
+        # observation window) and evictions row by row: each happens once per request or page.
+        single = [obs for obs in observed if obs.num_queries == 1]
+        decode = DecodeObservers(single, self.num_layers, device) if single else None
+        per_row = [obs for obs in observed if obs.decode_index is None or obs.survivors is not None]
+        return StatsStepPlan(observed, decode, per_row)
 
     def _grow(self, state: RequestPages, num_pages: int, device) -> None:
         have = 0 if state.attention is None else state.attention.shape[2]
@@ -141,14 +185,40 @@ class AttentionStatsRuntime(RequestRegistry):
 
     def after_attention(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
                         plan: StatsStepPlan) -> None:
-        """Observe this step's queries, then evict where the scheduler will free blocks."""
-        for obs in plan.observed:
+        """Observe this step's queries (all decode rows at once), then evict where the scheduler
+        will free blocks."""
+        decode = plan.decode
+        if decode is not None:
+            self._observe_decode(layer, query, kv_cache, decode)
+        for obs in plan.per_row:
             held = obs.state.held[layer]
-            stats = obs.state.attention[layer]
-            if obs.num_queries:
-                self._observe(query, kv_cache, obs, held, stats)
+            if obs.decode_index is None:
+                stats = obs.state.attention[layer]
+                if obs.num_queries:
+                    self._observe(query, kv_cache, obs, held, stats)
+            else:
+                stats = decode.stats[obs.decode_index, layer]
             if obs.survivors is not None:
                 self._evict(kv_cache, obs, held, stats)
+        if decode is not None and layer == self.num_layers - 1:
+            decode.commit()
+
+    def _observe_decode(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
+                        decode: DecodeObservers) -> None:
+        bs = self.layout.block_size
+        held = decode.held[layer]  # [R, C]
+        rows, cols = held.shape
+        pages = self.format.read(kv_cache, decode.blocks.flatten())
+        keys = self.format.keys(pages).unflatten(0, (rows, cols))  # [R, C, bs, kv, d]
+        key_positions = held.unsqueeze(-1) * bs + torch.arange(bs, device=held.device)
+        mass = page_attention_mass(query[decode.queries].unsqueeze(1), keys, key_positions,
+                                   decode.positions.unsqueeze(1), self.scale)[:, 0]  # [R, C]
+        seen = (key_positions[..., 0] <= decode.positions.unsqueeze(1)).float()
+        stats = decode.stats[:, layer]  # [R, NUM_STATS, P + 1]
+        stats[:, TOTAL].scatter_add_(1, held, mass)
+        stats[:, SQUARES].scatter_add_(1, held, mass * mass)
+        stats[:, COUNT].scatter_add_(1, held, seen)
+        stats[:, LAST].scatter_(1, held, mass)
 
     def _observe(self, query, kv_cache, obs: ObservedRow, held, stats) -> None:
         bs = self.layout.block_size

@@ -75,14 +75,39 @@ class CPUBlockFormat(BlockFormat):
 
     def __init__(self, key_index: torch.Tensor | None = None):
         self.key_index = key_index
+        self._tiles: dict[tuple[int, int], tuple[int, int] | None] = {}
 
     def keys(self, pages):
         n, kv_heads, block_size, two_d = pages.shape
         head_dim = two_d // 2
         raw = pages.reshape(n, kv_heads, 2 * block_size * head_dim)[:, :, :block_size * head_dim]
         if self.key_index is not None:
-            raw = raw.index_select(2, self.key_index.to(raw.device))
+            tiles = self._tiles.get((block_size, head_dim), False)
+            if tiles is False:
+                tiles = self._tiles[block_size, head_dim] = key_tiles(self.key_index, block_size,
+                                                                      head_dim)
+            if tiles is None:
+                raw = raw.index_select(2, self.key_index.to(raw.device))
+            else:  # a tiled layout: views and one copy instead of a gather
+                tile_t, tile_d = tiles
+                raw = raw.reshape(n, kv_heads, block_size // tile_t, head_dim // tile_d, tile_t,
+                                  tile_d).transpose(3, 4)
         return raw.reshape(n, kv_heads, block_size, head_dim).permute(0, 2, 1, 3)
+
+
+def key_tiles(key_index: torch.Tensor, block_size: int, head_dim: int) -> tuple[int, int] | None:
+    """``(tile_t, tile_d)`` if ``key_index`` is the layout ``[block_size / tile_t,
+    head_dim / tile_d, tile_t, tile_d]`` (row-major is ``(1, head_dim)``, transposed
+    ``(block_size, 1)``; the CPU kernels' VNNI packing for AMX is ``(16, 2)``), else None."""
+    t = torch.arange(block_size).unsqueeze(1)
+    d = torch.arange(head_dim).unsqueeze(0)
+    for tile_t in (n for n in range(1, block_size + 1) if block_size % n == 0):
+        for tile_d in (n for n in range(1, head_dim + 1) if head_dim % n == 0):
+            element = (((t // tile_t) * (head_dim // tile_d) + d // tile_d) * (tile_t * tile_d)
+                       + (t % tile_t) * tile_d + d % tile_d)
+            if torch.equal(element.flatten(), key_index.cpu()):
+                return tile_t, tile_d
+    return None
 
 
 class FlashBlockFormat(BlockFormat):

@@ -23,29 +23,31 @@ NUM_STATS = 4
 
 def page_attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_positions: torch.Tensor,
                         query_positions: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention mass each page receives from each query.
+    """Attention mass each page receives from each query, for one request or a batch (leading
+    dimensions ``...``, the same on every argument).
 
     Args:
-        queries: ``[n, num_q_heads, head_dim]``.
-        keys: ``[pages, page_size, num_kv_heads, head_dim]`` (post-RoPE, as cached).
-        key_positions: ``[pages, page_size]`` token positions; a key is seen by queries at the
-            same or a later position (pad a partial page with positions past every query).
-        query_positions: ``[n]``.
+        queries: ``[..., n, num_q_heads, head_dim]``.
+        keys: ``[..., pages, page_size, num_kv_heads, head_dim]`` (post-RoPE, as cached).
+        key_positions: ``[..., pages, page_size]`` token positions; a key is seen by queries at
+            the same or a later position (pad a partial page with positions past every query).
+        query_positions: ``[..., n]``.
         scale: the softmax scale of the layer.
 
     Returns:
-        ``[n, pages]`` float32; each row sums to 1 over the pages the query sees.
+        ``[..., n, pages]`` float32; each row sums to 1 over the pages the query sees.
     """
-    n, num_q_heads, head_dim = queries.shape
-    num_pages, page_size, num_kv_heads, _ = keys.shape
+    num_q_heads, head_dim = queries.shape[-2:]
+    num_pages, page_size, num_kv_heads, _ = keys.shape[-4:]
     group = num_q_heads // num_kv_heads
-    q = queries.float().reshape(n, num_kv_heads, group, head_dim)
-    k = keys.float().reshape(num_pages * page_size, num_kv_heads, head_dim)
-    logits = torch.einsum("nhgd,thd->nhgt", q, k) * scale
-    seen = key_positions.reshape(1, -1).to(query_positions.device) <= query_positions.unsqueeze(1)
-    logits = logits.masked_fill(~seen[:, None, None, :], float("-inf"))
-    probs = logits.softmax(-1).mean(2)  # GQA: mean over the group's query heads
-    return probs.reshape(n, num_kv_heads, num_pages, page_size).sum(-1).mean(1)
+    q = queries.float().unflatten(-2, (num_kv_heads, group))          # [..., n, kv, g, d]
+    k = keys.float().flatten(-4, -3)                                   # [..., t, kv, d]
+    logits = torch.einsum("...nhgd,...thd->...nhgt", q, k) * scale
+    seen = (key_positions.flatten(-2).to(query_positions.device).unsqueeze(-2)
+            <= query_positions.unsqueeze(-1))                          # [..., n, t]
+    logits = logits.masked_fill(~seen[..., :, None, None, :], float("-inf"))
+    probs = logits.softmax(-1).mean(-2)  # GQA: mean over the group's query heads
+    return probs.unflatten(-1, (num_pages, page_size)).sum(-1).mean(-2)
 
 
 def accumulate(stats: torch.Tensor, pages: torch.Tensor, mass: torch.Tensor,
