@@ -246,9 +246,6 @@ class RequestPages:
     # Attention-statistics policies: [layers, NUM_STATS, pages] by logical page.
     attention: torch.Tensor | None = None
 
-    def host_id_tensor(self, num_pages: int, device) -> torch.Tensor:
-        return torch.tensor(self.host_ids[:num_pages], dtype=torch.int64, device=device)
-
     def own(self, positions: list[int], block_ids: list[int], num_layers: int) -> int:
         """Owned blocks become ``positions``/``block_ids``; returns page copies dropped.
 
@@ -327,8 +324,7 @@ class SelectionBatch:
     (:meth:`commit`).
     """
 
-    def __init__(self, selections: list[RowSelection], host_ids: Sequence[Sequence[int]],
-                 num_layers: int, device) -> None:
+    def __init__(self, selections: list[RowSelection], num_layers: int, device) -> None:
         rows = len(selections)
         num_pages = max(sel.num_full for sel in selections)
         num_cols = max(sel.num_full_cols for sel in selections)
@@ -345,9 +341,9 @@ class SelectionBatch:
         self.blocks = torch.zeros((rows, num_cols), dtype=torch.int64)
         self.candidates = torch.zeros((rows, num_cols), dtype=torch.bool)
         self.held = torch.full((num_layers, rows, num_cols), num_pages, dtype=torch.int64)
-        for i, (sel, hosts) in enumerate(zip(selections, host_ids)):
+        for i, sel in enumerate(selections):
             n, cols = sel.num_full, sel.num_full_cols
-            self.host_ids[i, :n] = torch.tensor(hosts[:n])
+            self.host_ids[i, :n] = torch.tensor(sel.state.host_ids[:n])
             self.valid[i, :n] = True
             self.pinned[i, :sel.pinned[0]] = True
             self.pinned[i, sel.pinned[1]:n] = True
@@ -454,10 +450,8 @@ class PageRuntime(RequestRegistry):
             state = self._state_for(row)
             seq_len = row.num_computed + row.num_new
             prefilling = row.num_computed < row.num_prompt
-            evicted, positions, blocks = own_row_blocks(state, row, layout, self.num_layers,
-                                                        self.stats)
-            num_pages = cdiv(seq_len, bs)
-
+            evicted, positions, _ = own_row_blocks(state, row, layout, self.num_layers,
+                                                   self.stats)
             num_full = seq_len // bs
             new_pages = range(len(state.host_ids), num_full)
             if len(new_pages):
@@ -488,8 +482,8 @@ class PageRuntime(RequestRegistry):
                     sel.candidates = [c for c in sel.candidates if positions[c] not in after]
                     prefill_ends.append(sel)
         as_tensor = lambda ids: torch.tensor(ids, dtype=torch.int64, device=device)  # noqa: E731
-        batch = lambda rows: (SelectionBatch(  # noqa: E731
-            rows, [sel.state.host_ids for sel in rows], self.num_layers, device) if rows else None)
+        batch = lambda rows: (  # noqa: E731
+            SelectionBatch(rows, self.num_layers, device) if rows else None)
         return StepPlan(as_tensor(backup_blocks), as_tensor(backup_hosts), batch(selections),
                         batch(prefill_ends), sparse)
 
@@ -549,11 +543,7 @@ class PageRuntime(RequestRegistry):
         if not self.store.pages:
             return
         host_pages = self.store.pages[layer]
-        if host_pages.device == pages.device:
-            host_pages[hosts] = pages
-        else:
-            for host, page in zip(hosts.tolist(), pages):
-                host_pages[host].copy_(page, non_blocking=True)
+        host_pages.index_copy_(0, hosts.to(host_pages.device), pages.to(host_pages.device))
 
     def _keep(self, layer: int, query: torch.Tensor, batch: SelectionBatch):
         """``[R, P]`` pages each row keeps in ``layer`` and the scores of all its pages."""
@@ -595,6 +585,7 @@ class PageRuntime(RequestRegistry):
         blocks = batch.blocks[row_ids, cols]
         if from_host:
             host_pages = self.store.pages[layer]
+            # On CUDA this copy of the ids waits for the stream: every backup has landed.
             hosts = batch.host_ids[row_ids, pages].to(host_pages.device)
             self.format.write(kv_cache, blocks, host_pages.index_select(0, hosts))
         else:

@@ -8,7 +8,8 @@ import pytest
 
 pytestmark = pytest.mark.engine
 
-NAMES = ["passkey", "policies", "reference", "perplexity", "latency", "recall", "throughput"]
+NAMES = ["passkey", "policies", "reference", "perplexity", "latency", "recall", "throughput",
+         "throughput-decode"]
 
 
 def test_all_benchmarks_quick(tmp_path, model_path):
@@ -24,11 +25,17 @@ def test_all_benchmarks_quick(tmp_path, model_path):
         assert "| none" in table or name in ("recall", "reference")
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     latency = json.loads((tmp_path / "latency.json").read_text())["results"]
-    assert [r["policy"] for r in latency] == ["none", "arkvale", "arkvale"]
+    assert [(r["policy"], r["prompt_tokens"]) for r in latency] == [
+        ("none", 800), ("streamingllm", 800), ("arkvale", 800), ("none", 256), ("arkvale", 800)]
     assert all(r["steps"] >= 10 and r["median_ms"] > 0 for r in latency)
+    assert latency[2]["ratio_to_streamingllm"] == latency[2]["median_ms"] / latency[1]["median_ms"]
     throughput = json.loads((tmp_path / "throughput.json").read_text())["results"]
     assert [r["policy"] for r in throughput] == ["none", "arkvale"]
     assert all(r["output_tokens"] == 4 * 16 for r in throughput)
+    decode = json.loads((tmp_path / "throughput-decode.json").read_text())["results"]
+    assert [r["policy"] for r in decode] == ["none", "streamingllm", "arkvale"]
+    assert all(r["output_tokens"] == 4 * 24 and r["mean_itl_ms"] > 0 and r["decode_tok_s"] > 0
+               for r in decode)
     policies = json.loads((tmp_path / "policies.json").read_text())["cells"]
     assert [c["policy"] for c in policies] == ["none", "h2o", "tova", "roco", "snapkv"]
     perplexity = json.loads((tmp_path / "perplexity.json").read_text())["results"]

@@ -13,3 +13,13 @@ def test_prompts_differ_in_their_first_block(model_path):
     first_blocks = {tuple(tokenizer.encode(distinct_prompt(i, prompt))[:BLOCK_SIZE])
                     for i in range(16)}
     assert len(first_blocks) == 16
+
+
+def test_decode_phase_separates_first_tokens_and_overlapping_intervals():
+    from vllm_kvevict.bench.throughput import decode_phase
+
+    # Request a: first token at 1 s, 5 tokens by 3 s; b: first at 2 s, 3 tokens by 6 s.
+    replies = [(5, [1.0, 1.5, 2.0, 2.5, 3.0]), (3, [2.0, 4.0, 6.0]), (1, [2.5])]
+    phase = decode_phase(replies)
+    assert phase["mean_itl_ms"] == 1000 * (0.5 + 2.0) / 2
+    assert phase["decode_tok_s"] == (4 + 2) / 5.0  # decoding from 1 s to 6 s

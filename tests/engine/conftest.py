@@ -57,6 +57,23 @@ def run_checking_decodes(llm, check) -> tuple[dict[str, str], int]:
     return texts, checked
 
 
+@pytest.fixture
+def restore_environ():
+    """Resolving a config on CPU edits os.environ (LD_PRELOAD, thread counts...): undo that."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    """The plugin installed in this process (as a user of `vllm.LLM(kv_*=...)` must do)."""
+    import vllm_kvevict
+
+    vllm_kvevict.register()
+
+
 @pytest.fixture(scope="module")
 def llm_factory(model_path):
     """Build engines on demand; each is shut down at the end of the module."""

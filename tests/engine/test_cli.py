@@ -20,22 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 STREAMINGLLM_YAML = REPO / "configs" / "streamingllm.yaml"
 NONE_YAML = REPO / "configs" / "none.yaml"
 
-
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """Resolving a config on CPU edits os.environ (LD_PRELOAD, thread counts...): undo that."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
-def plugin():
-    """The plugin installed in this process (as a user of `vllm.LLM(kv_*=...)` must do)."""
-    import vllm_kvevict
-
-    vllm_kvevict.register()
+pytestmark = pytest.mark.usefixtures("restore_environ")
 
 
 @pytest.fixture(scope="module")

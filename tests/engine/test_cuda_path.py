@@ -19,20 +19,7 @@ from vllm_kvevict.config import EvictionConfig, EvictionConfigError
 
 BLOCK = 32
 
-
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
-def plugin():
-    import vllm_kvevict
-
-    vllm_kvevict.register()
+pytestmark = pytest.mark.usefixtures("restore_environ")
 
 
 def engine_args(model_path, policy="arkvale", **kwargs):

@@ -42,6 +42,13 @@ SETTINGS = {
                     "num_blocks": 600, "policies": ["none", "streamingllm", "arkvale", "quest"]},
                    {"num_requests": 4, "prompt_tokens": 600, "max_tokens": 16, "budget": 256,
                     "num_blocks": 60, "policies": ["none", "arkvale"]}),
+    # Decode-heavy (reasoning-like) traffic at equal KV memory: short prompts, long answers.
+    "throughput-decode": ({"num_requests": 16, "prompt_tokens": 1000, "max_tokens": 768,
+                           "budget": 512, "num_blocks": 320,
+                           "policies": ["none", "streamingllm", "arkvale", "quest", "h2o"]},
+                          {"num_requests": 4, "prompt_tokens": 300, "max_tokens": 24,
+                           "budget": 256, "num_blocks": 40,
+                           "policies": ["none", "streamingllm", "arkvale"]}),
     # Triton kernels on synthetic K/V (GPU; --quick runs them through the interpreter on CPU).
     "kernels": ({"contexts": [8192, 32768, 131072], "batches": [1, 8, 32],
                  "budgets": [1024, 2048, 4096], "page_size": 32, "num_q_heads": 32,
@@ -62,7 +69,8 @@ def _runner(name: str):
 
     return {"passkey": passkey.run, "policies": functools.partial(passkey.run, name="policies"),
             "reference": reference.run, "perplexity": perplexity.run, "latency": latency.run,
-            "recall": recall.run, "throughput": throughput.run}[name]
+            "recall": recall.run, "throughput": throughput.run,
+            "throughput-decode": functools.partial(throughput.run, name="throughput-decode")}[name]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,17 @@
 """Per-token decode latency at long context: none vs arkvale at several budgets, and arkvale's
-overhead when its budget covers the whole context (nothing evicted, pages still backed up)."""
+overhead when its budget covers the whole context (nothing evicted, pages still backed up).
+
+Beside each arkvale budget, the floors it is measured against: streamingllm at the same budget
+(the same resident pages, no page work) and none over a prompt of about the budget's length
+(attention over as many tokens, no eviction machinery at all)."""
 from __future__ import annotations
 
 import time
 
 from tqdm import tqdm
 
-from vllm_kvevict.bench.common import (bar_plot, close_llm, environment, label, markdown_table,
-                                       median, offline_llm, write_results)
+from vllm_kvevict.bench.common import (close_llm, environment, label, markdown_table, median,
+                                       offline_llm, write_results)
 
 
 def _decode_step_times(llm, prompt: str, new_tokens: int, repeats: int) -> list[float]:
@@ -40,39 +44,70 @@ def run(model_path: str, out_dir: str, prompt_tokens: int, new_tokens: int, budg
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompt = make_trial(tokenizer, prompt_tokens, 0.5, "12345").prompt
     covering = 1 << (prompt_tokens + new_tokens).bit_length()
-    configs = [("none", None)] + [("arkvale", b) for b in budgets] + [("arkvale", covering)]
+    # (policy, budget, prompt tokens)
+    configs = [("none", None, prompt_tokens)]
+    for b in budgets:
+        configs += [("streamingllm", b, prompt_tokens), ("arkvale", b, prompt_tokens),
+                    ("none", None, b)]
+    configs.append(("arkvale", covering, prompt_tokens))
+    prompts = {n: make_trial(tokenizer, n, 0.5, "12345").prompt if n != prompt_tokens else prompt
+               for n in {c[2] for c in configs}}
     rows = []
-    for policy, budget in tqdm(configs, desc="latency"):
+    for policy, budget, tokens in tqdm(configs, desc="latency"):
         llm = offline_llm(model_path, policy, budget)
         try:
-            _decode_step_times(llm, prompt, 8, 1)  # warm-up
-            times = _decode_step_times(llm, prompt, new_tokens, repeats)
+            _decode_step_times(llm, prompts[tokens], 8, 1)  # warm-up
+            times = _decode_step_times(llm, prompts[tokens], new_tokens, repeats)
         finally:
             close_llm(llm)
-        rows.append({"policy": policy, "budget": budget, "covers_context": budget == covering,
+        rows.append({"policy": policy, "budget": budget, "prompt_tokens": tokens,
+                     "covers_context": budget == covering,
                      "median_ms": 1000 * median(times), "steps": len(times),
                      "p90_ms": 1000 * sorted(times)[int(0.9 * (len(times) - 1))]})
     base = rows[0]["median_ms"]
     for r in rows:
         r["ratio_to_none"] = r["median_ms"] / base
+        same = [q for q in rows if q["budget"] == r["budget"] and q["policy"] == "streamingllm"]
+        short = [q for q in rows if q["policy"] == "none" and q["prompt_tokens"] == r["budget"]]
+        r["ratio_to_streamingllm"] = r["median_ms"] / same[0]["median_ms"] if same else None
+        r["ratio_to_none_short"] = r["median_ms"] / short[0]["median_ms"] if short else None
     payload = {"environment": environment(model_path),
                "settings": {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
                             "budgets": budgets, "covering_budget": covering, "repeats": repeats},
                "results": rows}
+    ratio = lambda x: f"{x:.2f}x" if x is not None else "-"  # noqa: E731
     table = markdown_table(
-        ["policy@budget", "median ms/token", "p90 ms/token", "vs none"],
-        [[label(r["policy"], r["budget"]) + (" (covers context)" if r["covers_context"] else ""),
-          f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['ratio_to_none']:.2f}x"]
-         for r in rows])
+        ["policy@budget", "prompt tokens", "median ms/token", "p90 ms/token", "vs none",
+         "vs streamingllm@budget", "vs none on a ~budget prompt"],
+        [[_name(r), r["prompt_tokens"], f"{r['median_ms']:.1f}", f"{r['p90_ms']:.1f}",
+          f"{r['ratio_to_none']:.2f}x", ratio(r["ratio_to_streamingllm"]),
+          ratio(r["ratio_to_none_short"])] for r in rows])
     write_results(out_dir, "latency", payload,
-                  f"Decode latency per token, one request, ~{prompt_tokens}-token prompt, "
-                  f"{new_tokens} generated tokens (engine step times after the first token).\n\n"
+                  f"Decode latency per token, one request, ~{prompt_tokens}-token prompt (none "
+                  f"also on prompts of about each budget's length), {new_tokens} generated tokens "
+                  f"(engine step times after the first token).\n\n"
                   + table)
     _plot(rows, out_dir)
     return payload
 
 
+def _name(r) -> str:
+    if r["covers_context"]:
+        return label(r["policy"], r["budget"]) + " (covers context)"
+    return label(r["policy"], r["budget"])
+
 
 def _plot(rows, out_dir) -> None:
-    bar_plot([label(r["policy"], r["budget"]) for r in rows], [r["median_ms"] for r in rows],
-             "median ms per decode step", "decode latency", f"{out_dir}/latency.png", "tab:orange")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{_name(r)}, {r['prompt_tokens']}-token prompt" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(rows) + 1.2))
+    ax.barh(names[::-1], [r["median_ms"] for r in rows][::-1], color="tab:orange")
+    ax.set_xlabel("median ms per decode step")
+    ax.set_title("decode latency")
+    fig.tight_layout()
+    fig.savefig(f"{out_dir}/latency.png", dpi=110)
+    plt.close(fig)

@@ -2,9 +2,13 @@
 
 Every policy gets the same KV pool (``--num-gpu-blocks-override`` blocks of 32 tokens, so the
 comparison does not depend on how the platform sizes the cache) and the same load: N concurrent
-completions with long prompts and ``max_tokens`` generated tokens each. Reported: the most
-requests running at once (polled from the server's Prometheus ``/metrics``), output tokens/s and
-total time, each as a ratio to ``none`` from the same run.
+streamed completions of ``max_tokens`` tokens each (``ignore_eos``). Two workloads use it:
+``throughput`` (long prompts, short answers: prefill-heavy) and ``throughput-decode`` (short
+prompts, long answers, as reasoning traffic: decode-heavy). Reported: the most requests running
+at once (polled from the server's Prometheus ``/metrics``), output tokens/s and total time, each
+as a ratio to ``none`` from the same run; and, apart from prefill, the decode phase: the mean
+inter-token latency (time between a request's streamed tokens after its first) and decode
+tokens/s (tokens after each request's first, over the time at least one request was decoding).
 
 Prompts are passkey prompts, whose filler is shared text; each starts with its own line so that
 no KV block is common to two requests. Otherwise ``none`` would reuse the shared filler through
@@ -83,21 +87,51 @@ def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
                 pass
             time.sleep(0.25)
 
-    def one(prompt: str) -> int:
-        reply = client.completions.create(model="m", prompt=prompt, max_tokens=max_tokens,
-                                          temperature=0, extra_body={"ignore_eos": True})
-        return reply.usage.completion_tokens
+    def one(prompt: str) -> tuple[int, list[float]]:
+        """Completion tokens and the arrival time of each streamed piece."""
+        stream = client.completions.create(
+            model="m", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        arrivals, tokens = [], 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                arrivals.append(time.perf_counter())
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return tokens, arrivals
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     start = time.perf_counter()
     with ThreadPoolExecutor(len(prompts)) as pool:
-        produced = sum(pool.map(one, prompts))
+        replies = list(pool.map(one, prompts))
     elapsed = time.perf_counter() - start
     stop.set()
     poller.join()
+    produced = sum(tokens for tokens, _ in replies)
     return {"total_s": elapsed, "output_tokens": produced, "output_tok_s": produced / elapsed,
-            "most_running": most_running}
+            "most_running": most_running, **decode_phase(replies)}
+
+
+def decode_phase(replies: list[tuple[int, list[float]]]) -> dict:
+    """Decode-phase figures from each request's token count and streamed arrival times.
+
+    Inter-token latency: a request's time from its first to its last streamed piece over the
+    tokens after the first; decode tokens/s: those tokens of all requests over the length of the
+    union of the requests' first-to-last intervals (time with at least one request decoding).
+    """
+    gaps, intervals, decode_tokens = [], [], 0
+    for tokens, arrivals in replies:
+        if tokens > 1 and len(arrivals) > 1:
+            gaps.append((arrivals[-1] - arrivals[0]) / (tokens - 1))
+            intervals.append((arrivals[0], arrivals[-1]))
+            decode_tokens += tokens - 1
+    covered, end = 0.0, float("-inf")
+    for first, last in sorted(intervals):
+        covered += max(0.0, last - max(first, end))
+        end = max(end, last)
+    return {"mean_itl_ms": 1000 * sum(gaps) / len(gaps) if gaps else float("nan"),
+            "decode_tok_s": decode_tokens / covered if covered else float("nan")}
 
 
 def distinct_prompt(index: int, prompt: str) -> str:
@@ -106,7 +140,7 @@ def distinct_prompt(index: int, prompt: str) -> str:
 
 
 def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, max_tokens: int,
-        budget: int, num_blocks: int, policies: list[str]) -> dict:
+        budget: int, num_blocks: int, policies: list[str], name: str = "throughput") -> dict:
     from transformers import AutoTokenizer
 
     from vllm_kvevict.eval.passkey import make_trial
@@ -123,7 +157,7 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
         # The same context limit for all: one request's prompt and output (with a margin).
         max_model_len = prompt_tokens + max_tokens + 256
         process, base = _serve(model_path, policy, b, num_blocks, max_model_len,
-                               out / "throughput-server.log")
+                               out / f"{name}-server.log")
         try:
             _load(base, prompts[:1], 4)  # warm-up
             result = _load(base, prompts, max_tokens)
@@ -131,45 +165,61 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
             process.terminate()
             process.wait(timeout=60)
         rows.append({"policy": policy, "budget": b, **result})
-    (out / "throughput-server.log").unlink(missing_ok=True)
+    (out / f"{name}-server.log").unlink(missing_ok=True)
     base_row = next(r for r in rows if r["policy"] == "none")
     for r in rows:
         r["concurrency_ratio"] = r["most_running"] / max(1, base_row["most_running"])
         r["tok_s_ratio"] = r["output_tok_s"] / base_row["output_tok_s"]
         r["time_ratio"] = r["total_s"] / base_row["total_s"]
+        r["decode_tok_s_ratio"] = r["decode_tok_s"] / base_row["decode_tok_s"]
+    floor = next((r for r in rows if r["policy"] == "streamingllm"), None)
+    for r in rows:
+        r["tok_s_vs_streamingllm"] = (r["output_tok_s"] / floor["output_tok_s"]
+                                      if floor else None)
     payload = {"environment": environment(model_path),
                "settings": {"num_requests": num_requests, "prompt_tokens": prompt_tokens,
                             "max_tokens": max_tokens, "budget": budget, "kv_blocks": num_blocks,
                             "block_size": BLOCK_SIZE, "policies": policies,
                             "prompts": "distinct from the first block"},
                "results": rows}
+    vs_floor = lambda r: (f"{r['tok_s_vs_streamingllm']:.2f}x"  # noqa: E731
+                          if r["tok_s_vs_streamingllm"] is not None else "-")
     table = markdown_table(
         ["policy@budget", "most running", "output tok/s", "total s", "concurrency vs none",
-         "tok/s vs none", "time vs none"],
+         "tok/s vs none", "tok/s vs streamingllm", "time vs none", "decode tok/s",
+         "decode tok/s vs none", "mean ITL ms"],
         [[label(r["policy"], r["budget"]), r["most_running"], f"{r['output_tok_s']:.1f}",
           f"{r['total_s']:.1f}", f"{r['concurrency_ratio']:.2f}x", f"{r['tok_s_ratio']:.2f}x",
-          f"{r['time_ratio']:.2f}x"] for r in rows])
-    write_results(out_dir, "throughput", payload,
-                  f"{num_requests} concurrent completions, ~{prompt_tokens}-token prompts, "
-                  f"{max_tokens} tokens each, KV pool of {num_blocks} blocks of {BLOCK_SIZE} "
-                  f"tokens for every policy, prompts distinct from their first block (no prefix "
-                  f"reuse); `vllm serve` + OpenAI client.\n\n" + table)
-    _plot(rows, out_dir)
+          vs_floor(r), f"{r['time_ratio']:.2f}x", f"{r['decode_tok_s']:.1f}",
+          f"{r['decode_tok_s_ratio']:.2f}x", f"{r['mean_itl_ms']:.1f}"] for r in rows])
+    write_results(out_dir, name, payload,
+                  f"{num_requests} concurrent streamed completions, ~{prompt_tokens}-token "
+                  f"prompts, {max_tokens} tokens each (ignore_eos), KV pool of {num_blocks} "
+                  f"blocks of {BLOCK_SIZE} tokens for every policy, prompts distinct from their "
+                  f"first block (no prefix reuse); `vllm serve` + OpenAI client. Decode tok/s: "
+                  f"tokens after each request's first over the time some request was decoding; "
+                  f"mean ITL: mean time between a request's tokens after its first.\n\n"
+                  + table)
+    _plot(rows, out_dir, name)
     return payload
 
 
-def _plot(rows, out_dir) -> None:
+def _plot(rows, out_dir, name) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [label(r["policy"], r["budget"]) for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     axes[0].bar(names, [r["most_running"] for r in rows], color="tab:green")
     axes[0].set_title("most requests running at once")
     axes[1].bar(names, [r["output_tok_s"] for r in rows], color="tab:purple")
     axes[1].set_title("output tokens / s")
+    axes[2].bar(names, [r["mean_itl_ms"] for r in rows], color="tab:orange")
+    axes[2].set_title("mean inter-token latency (ms)")
+    for axis in axes:
+        axis.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
-    fig.savefig(f"{out_dir}/throughput.png", dpi=110)
+    fig.savefig(f"{out_dir}/{name}.png", dpi=110)
     plt.close(fig)

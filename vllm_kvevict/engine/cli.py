@@ -27,15 +27,15 @@ again in ``create_engine_config``; invalid settings never reach an engine.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from vllm_kvevict.config import (ADDITIONAL_CONFIG_KEY, DEFAULT_BUDGET_TOKENS,
                                  DEFAULT_EVICTING_BLOCK_SIZE, DEFAULT_HOST_SPACE_GIB,
                                  DEFAULT_OBSERVATION_WINDOW, DEFAULT_SINK_TOKENS,
                                  DEFAULT_WINDOW_TOKENS, DIGEST_KINDS,
                                  EvictionConfig, EvictionConfigError)
+from vllm_kvevict.engine.patching import wrap_method
 
 # argparse dest / LLM keyword -> key in additional_config["kv_eviction"]
 SETTINGS = {
@@ -53,7 +53,6 @@ SETTINGS = {
 GROUP_TITLE = "KV eviction (vllm-kvevict)"
 ERROR_PREFIX = "vllm-kvevict: error: "
 SERVE_MODULE = "vllm.entrypoints.cli.serve"
-_ORIGINAL = "__kvevict_original__"  # set on our wrappers: marks them and keeps the original
 
 
 def install() -> None:
@@ -64,39 +63,19 @@ def install() -> None:
     """
     from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 
-    _wrap(EngineArgs, "add_cli_args", _add_cli_args)
-    _wrap(EngineArgs, "from_cli_args", _from_cli_args)
+    wrap_method(EngineArgs, "add_cli_args", _add_cli_args)
+    wrap_method(EngineArgs, "from_cli_args", _from_cli_args)
     # A dataclass subclass gets its own generated __init__, so both need the wrapper.
-    _wrap(EngineArgs, "__init__", _init_with_keywords)
-    _wrap(AsyncEngineArgs, "__init__", _init_with_keywords)
-    _wrap(EngineArgs, "create_model_config", _create_model_config)
-    _wrap(EngineArgs, "create_engine_config", _create_engine_config)
+    wrap_method(EngineArgs, "__init__", _init_with_keywords)
+    wrap_method(AsyncEngineArgs, "__init__", _init_with_keywords)
+    wrap_method(EngineArgs, "create_model_config", _create_model_config)
+    wrap_method(EngineArgs, "create_engine_config", _create_engine_config)
     # `vllm serve` imports its subcommand module before building the parser, which is when vLLM
     # loads plugins; other processes (engine core, workers, offline LLM) never import it, and
     # importing it there would only cost time (uvloop, the API server modules).
     serve = sys.modules.get(SERVE_MODULE)
     if serve is not None:
-        _wrap(serve.ServeSubcommand, "cmd", _serve_cmd)
-
-
-def _wrap(cls: type, name: str, hook: Callable[..., Any]) -> None:
-    """Replace ``cls.name`` by a wrapper calling ``hook(original, *args, **kwargs)``.
-
-    Keeps staticmethod/classmethod kinds (a classmethod's hook receives ``cls`` after
-    ``original``). Wrapping an attribute that is already our wrapper does nothing.
-    """
-    raw = vars(cls)[name]
-    kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
-    original = raw.__func__ if kind else raw
-    if hasattr(original, _ORIGINAL):
-        return
-
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        return hook(original, *args, **kwargs)
-
-    setattr(wrapper, _ORIGINAL, original)
-    setattr(cls, name, kind(wrapper) if kind else wrapper)
+        wrap_method(serve.ServeSubcommand, "cmd", _serve_cmd)
 
 
 # --- settings ------------------------------------------------------------------------------

@@ -19,14 +19,14 @@ refused at start-up).
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 
 from vllm.logger import init_logger
 
-from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.attention_pages import AttentionStatsRuntime
+from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.engine.patching import wrap_method
 from vllm_kvevict.pages import BlockFormat, HostPageStore, PageRuntime, RowInput
 from vllm_kvevict.paging import cdiv
 
@@ -86,22 +86,9 @@ def install_runner_hooks() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.gpu_worker import Worker
 
-    _wrap(GPUModelRunner, "_update_states", _update_states)
-    _wrap(GPUModelRunner, "initialize_kv_cache", _initialize_kv_cache)
-    _wrap(Worker, "determine_available_memory", determine_available_memory)
-
-
-def _wrap(cls, name: str, hook) -> None:
-    original = getattr(cls, name)
-    if getattr(original, "_kvevict", False):
-        return
-
-    @functools.wraps(original)
-    def wrapper(self, *args, **kwargs):
-        return hook(original, self, *args, **kwargs)
-
-    wrapper._kvevict = True
-    setattr(cls, name, wrapper)
+    wrap_method(GPUModelRunner, "_update_states", _update_states)
+    wrap_method(GPUModelRunner, "initialize_kv_cache", _initialize_kv_cache)
+    wrap_method(Worker, "determine_available_memory", determine_available_memory)
 
 
 def _update_states(original, runner, scheduler_output):
