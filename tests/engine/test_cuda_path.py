@@ -217,6 +217,37 @@ def test_flash_builder_under_policy_none_is_stock(streamingllm_config):
     assert metadata.block_table is cm.block_table_tensor and metadata.seq_lens is cm.seq_lens
 
 
+def test_flash_builder_binds_its_runtime_to_the_flash_cache(plugin, model_path):
+    """What the worker does right after vLLM allocates the KV cache, for the CUDA builder: the
+    runtime gets FlashAttention's block format, a host store of pages in the cache's page shape
+    and one digest per host page, before any step (here over a CPU cache in vLLM's layout)."""
+    from vllm.config import set_current_vllm_config
+
+    from tests.flash_layout import flash_layer_caches
+    from vllm_kvevict.engine.backend_cuda import EvictingFlashAttentionMetadataBuilder
+    from vllm_kvevict.engine.page_runtime import bind_page_runtimes
+    from vllm_kvevict.pages import FlashBlockFormat
+
+    config = engine_args(model_path, "arkvale", max_model_len=2048).create_engine_config()
+    spec, _ = evicting_spec(host_pages=50, kv_heads=3, head_size=64)
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(2)]
+    with set_current_vllm_config(config):
+        builder = EvictingFlashAttentionMetadataBuilder(spec, names, config, torch.device("cpu"))
+    caches = flash_layer_caches(2, 20, BLOCK, 3, 64, torch.bfloat16)
+    impl = types.SimpleNamespace(num_kv_heads=3, head_size=64, scale=0.125)
+    layers = {name: types.SimpleNamespace(kv_cache=cache, impl=impl)
+              for name, cache in zip(names, caches)}
+    group = types.SimpleNamespace(kv_cache_spec=spec, layer_names=names,
+                                  metadata_builders=[builder])
+    bind_page_runtimes([[group]], layers)
+    runtime = builder._page_runtime()
+    assert runtime.bound and isinstance(runtime.format, FlashBlockFormat)
+    store = runtime.store
+    assert [tuple(p.shape) for p in store.pages] == [(50, 3, BLOCK, 128)] * 2
+    assert [tuple(d.shape) for d in store.digests] == [(50, 2, 3, 64)] * 2
+    assert store.pages[0].dtype == torch.bfloat16 and not store.pages[0].is_pinned()
+
+
 # --- device memory for the digests -----------------------------------------------------------
 
 
