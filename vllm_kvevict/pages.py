@@ -580,8 +580,6 @@ class PageRuntime(RequestRegistry):
         pairs = torch.arange(width, device=keep.device) < missing.sum(1, keepdim=True)
         row_ids = torch.arange(rows, device=keep.device)[:, None].expand(rows, width)[pairs]
         pages, cols = missing_pages[pairs], victim_cols[pairs]
-        if not pages.numel():
-            return 0
         blocks = batch.blocks[row_ids, cols]
         if from_host:
             host_pages = self.store.pages[layer]
