@@ -71,7 +71,7 @@ class FakeEngine:
     """One worker's KV cache, a scheduler's block table and the page runtime."""
 
     def __init__(self, sparse=False, host_pages=64, policy="arkvale", layout=LAYOUT,
-                 runtime=None, cache=CACHES["cpu"]):
+                 runtime=None, cache=CACHES["cpu"], ops=None):
         self.cache = cache
         self.kv = cache.caches()
         self.free = list(range(1, NUM_BLOCKS))
@@ -82,7 +82,7 @@ class FakeEngine:
         self.store.bind(self.kv[0], self.fmt, KV_HEADS, HEAD_DIM)
         self.layout = layout
         self.runtime = runtime or PageRuntime(layout, get_policy(policy), "cuboid-mean", sparse,
-                                              self.store, self.fmt, LAYERS)
+                                              self.store, self.fmt, LAYERS, ops)
         # Seeded here: the outcome must not depend on which tests ran before in the process.
         self.rng = torch.Generator().manual_seed(0)
         self.page_keys = torch.randn(200, HEAD_DIM, generator=self.rng)  # page p's keys: near it

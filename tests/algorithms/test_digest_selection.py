@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vllm_kvevict.algorithms.digest import page_digests, score_pages
+from vllm_kvevict.algorithms.digest import page_digests, score_packed_pages, score_pages
 from vllm_kvevict.algorithms.selection import select_pages
 
 
@@ -55,3 +55,12 @@ def test_select_short_request_keeps_everything_and_ties_prefer_recent():
     assert select_pages(torch.zeros(3), 2, 2, 4).tolist() == [0, 1, 2]
     kept = select_pages(torch.zeros(6), sink_pages=1, window_pages=1, top_k=2)
     assert kept.tolist() == [0, 3, 4, 5]
+
+
+def test_packed_scores_equal_score_pages_for_a_batch():
+    torch.manual_seed(4)
+    query = torch.randn(5, 6, 16).to(torch.bfloat16)
+    hi = torch.randn(5, 7, 2, 16)
+    lo = hi - torch.rand(5, 7, 2, 16)
+    packed = score_packed_pages(query, torch.stack([hi, lo], dim=2))
+    torch.testing.assert_close(packed, score_pages(query, hi, lo), rtol=1e-5, atol=1e-5)

@@ -62,3 +62,12 @@ def test_selected_pages_to_blocks_and_token_counts():
     blocks, tokens = selected_blocks(pages, block_table, torch.tensor([100, 40]), 32)
     assert blocks[0].tolist() == [7, 9, 2] and blocks[1, 0] == 6
     assert tokens.tolist() == [[32, 32, 4], [8, 0, 0]]  # last pages: 100-96 and 40-32 tokens
+
+
+def test_digests_as_views_of_one_tensor(device):
+    """The page runtime stores digests as ``[slots, 2, kv_heads, head_dim]``: hi and lo are
+    strided views, read in place."""
+    query, hi, lo, slots, num_pages = _ragged_batch(device)
+    digests = torch.stack([hi, lo], dim=1)
+    scores = score_batch(query, digests[:, 0], digests[:, 1], slots, num_pages, 0, 0)
+    torch.testing.assert_close(scores, score_batch(query, hi, lo, slots, num_pages, 0, 0))

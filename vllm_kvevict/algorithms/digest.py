@@ -66,3 +66,25 @@ def score_pages(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
     if per_kv_head:
         return per_kv
     return per_kv.mean(dim=-2)
+
+
+def score_packed_pages(query: torch.Tensor, digests: torch.Tensor) -> torch.Tensor:
+    """:func:`score_pages` (one ranking: mean over all query heads) for a batch of rows whose
+    digests are packed ``[hi, lo]``: one matrix product per row, no per-head intermediate.
+
+    Args:
+        query: ``[rows, num_q_heads, head_dim]``.
+        digests: ``[rows, num_pages, 2, num_kv_heads, head_dim]`` (float32).
+
+    Returns:
+        ``[rows, num_pages]`` float32.
+    """
+    rows, num_pages, _, num_kv_heads, head_dim = digests.shape
+    num_q_heads = query.shape[-2]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads do not divide into {num_kv_heads} KV heads")
+    q = query.float().unflatten(-2, (num_kv_heads, num_q_heads // num_kv_heads))
+    # max(q hi, q lo) = max(q, 0) hi + min(q, 0) lo, summed over the group's heads.
+    q_bounds = torch.stack([q.clamp(min=0).sum(-2), q.clamp(max=0).sum(-2)], dim=1)
+    scores = torch.bmm(digests.reshape(rows, num_pages, -1), q_bounds.reshape(rows, -1, 1))
+    return scores.squeeze(-1) / num_q_heads

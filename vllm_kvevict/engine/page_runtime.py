@@ -203,9 +203,11 @@ def maybe_log_stats(runtime: PageRuntime) -> None:
     """One INFO line every ``STATS_LOG_INTERVAL_S`` seconds while something changes."""
     global _last_log, _last_logged_stats
     now = time.monotonic()
-    stats = runtime.stats
+    if now - _last_log < STATS_LOG_INTERVAL_S:
+        return
+    stats = runtime.stats  # folds the layers' device-side counts: read only when due
     current = (stats.backed_up, stats.evicted, stats.recalled, runtime.store.used_pages)
-    if now - _last_log < STATS_LOG_INTERVAL_S or current == _last_logged_stats:
+    if current == _last_logged_stats:
         return
     _last_log, _last_logged_stats = now, current
     store = runtime.store

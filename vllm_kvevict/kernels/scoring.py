@@ -11,7 +11,8 @@ from vllm_kvevict.paging import cdiv
 
 
 def _score_kernel(query, hi, lo, page_slots, num_pages, scores,
-                  stride_qb, stride_qh, stride_slots, max_pages, num_kv_heads, head_dim,
+                  stride_qb, stride_qh, stride_slots, stride_digest, max_pages, num_kv_heads,
+                  head_dim,
                   sink_pages, window_pages,
                   GROUP: tl.constexpr, BLOCK_P: tl.constexpr, HEAD_DIM: tl.constexpr):
     """One program per (request, KV head, run of BLOCK_P pages): the mean over the KV head's
@@ -24,7 +25,7 @@ def _score_kernel(query, hi, lo, page_slots, num_pages, scores,
     slot = tl.load(page_slots + b * stride_slots + p, mask=valid, other=0).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     d_ok = d < head_dim
-    box = (slot[:, None] * num_kv_heads + kv_head) * head_dim + d[None, :]
+    box = slot[:, None] * stride_digest + kv_head * head_dim + d[None, :]
     inside = valid[:, None] & d_ok[None, :]
     top = tl.load(hi + box, mask=inside, other=0.0)
     bottom = tl.load(lo + box, mask=inside, other=0.0)
@@ -51,7 +52,8 @@ def score_batch(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
     Args:
         query: ``[batch, num_q_heads, head_dim]``; query head ``h`` reads KV head
             ``h // (num_q_heads // num_kv_heads)``.
-        hi, lo: ``[num_slots, num_kv_heads, head_dim]`` float32 digests (any slot order).
+        hi, lo: ``[num_slots, num_kv_heads, head_dim]`` float32 digests (any slot order; slots
+            may be strided, e.g. views of one ``[num_slots, 2, kv_heads, head_dim]`` tensor).
         page_slots: ``[batch, max_pages]`` digest slot of each logical page (ragged: only the
             first ``num_pages[b]`` entries of row ``b`` are read).
         num_pages: ``[batch]`` logical pages per request.
@@ -67,6 +69,8 @@ def score_batch(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
         raise ValueError(f"{num_q_heads} query heads do not divide into {num_kv_heads} KV heads")
     if query.stride(-1) != 1 or page_slots.stride(-1) != 1:
         raise ValueError("query and page_slots need a contiguous last dimension")
+    if hi.stride() != lo.stride() or hi.stride()[1:] != (head_dim, 1):
+        hi, lo = hi.contiguous(), lo.contiguous()
     max_pages = page_slots.shape[1]
     scores = torch.empty((batch, num_kv_heads, max_pages), dtype=torch.float32,
                          device=query.device)
@@ -74,9 +78,9 @@ def score_batch(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
         block_p = min(power_of_two(max_pages), block_pages)
         grid = (batch, num_kv_heads, cdiv(max_pages, block_p))
         SCORE.on(query.device)[grid](
-            query, hi.contiguous(), lo.contiguous(), page_slots.to(torch.int32),
-            num_pages.to(torch.int32), scores, query.stride(0), query.stride(1),
-            page_slots.stride(0), max_pages, num_kv_heads, head_dim, sink_pages, window_pages,
+            query, hi, lo, page_slots.to(torch.int32), num_pages.to(torch.int32), scores,
+            query.stride(0), query.stride(1), page_slots.stride(0), hi.stride(0), max_pages,
+            num_kv_heads, head_dim, sink_pages, window_pages,
             GROUP=num_q_heads // num_kv_heads, BLOCK_P=block_p, HEAD_DIM=power_of_two(head_dim))
     return scores if per_kv_head else scores.mean(dim=1)
 

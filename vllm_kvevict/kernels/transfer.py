@@ -1,100 +1,87 @@
-"""Batched page copies between the host store and the device KV cache.
+"""Masked page copies between page tensors (a layer's KV cache, the host store), in one launch.
 
-One copy per direction and layer per step: host pages are gathered into a pinned staging buffer,
-copied in one transfer on a side stream, and scattered into their blocks there. Invariants:
+A page tensor is ``[num_pages, kv_heads, block_size, row]`` with a contiguous last dimension and
+any other strides (vLLM 0.32's FlashAttention layer views in every ``KVCacheLayout``; the host
+store). Pair ``i`` copies page ``src_ids[i]`` of ``src`` over page ``dst_ids[i]`` of ``dst`` when
+``valid[i]``; pairs come padded (``[rows, width]`` from the page runtime), so the caller never
+needs to know on the host how many copies there are.
 
-* a layer's attention reads its cache only after :meth:`PageTransfer.wait` for that layer (the
-  compute stream waits on the layer's last copy event, not on other layers' copies);
-* a recall of a layer sees every backup queued before it for that layer (pending backups of the
-  layer are finished first);
-* a staging buffer is reused only after the copy that read or wrote it has completed.
-
-On CPU tensors (no streams) the same calls copy synchronously.
+On CUDA a host-store tensor is read or written in place through its device view (pinned memory,
+unified addressing): no staging copy and no host synchronisation. Reference:
+:func:`copy_pages_reference`.
 """
 from __future__ import annotations
 
 import torch
+import triton.language as tl
 
-from vllm_kvevict.pages import BlockFormat
+from vllm_kvevict.kernels.launch import Kernel, power_of_two
 
 
-class PageTransfer:
-    def __init__(self, block_format: BlockFormat, num_layers: int) -> None:
-        self.format = block_format
-        self.num_layers = num_layers
-        self._stream = None
-        self._ready: list = [None] * num_layers        # last copy event per layer
-        self._staging: dict[tuple[str, int], torch.Tensor] = {}
-        self._staging_free: dict[tuple[str, int], object] = {}
-        self._pending: list[list[tuple]] = [[] for _ in range(num_layers)]
+def _copy_kernel(src, dst, src_ids, dst_ids, valid,
+                 src_page, src_head, src_token, dst_page, dst_head, dst_token, block_size, row,
+                 BLOCK_T: tl.constexpr, ROW: tl.constexpr):
+    """One program per (pair, KV head): the head's ``block_size x row`` tile of the page."""
+    pair = tl.program_id(0)
+    head = tl.program_id(1)
+    tokens = block_size * tl.load(valid + pair).to(tl.int32)  # 0: a masked pair
+    s = tl.load(src_ids + pair).to(tl.int64)
+    d = tl.load(dst_ids + pair).to(tl.int64)
+    t = tl.arange(0, BLOCK_T)
+    c = tl.arange(0, ROW)
+    inside = (t[:, None] < tokens) & (c[None, :] < row)
+    tile = tl.load(src + s * src_page + head * src_head + t[:, None] * src_token + c[None, :],
+                   mask=inside, other=0)
+    tl.store(dst + d * dst_page + head * dst_head + t[:, None] * dst_token + c[None, :], tile,
+             mask=inside)
 
-    def recall(self, layer: int, kv_cache: torch.Tensor, blocks: torch.Tensor,
-               host_pages: torch.Tensor, host_ids: torch.Tensor) -> None:
-        """Copy host pages ``host_ids`` of ``layer`` into ``blocks`` of ``kv_cache``."""
-        if not blocks.numel():
-            return
-        self.finish_backups(layer)
-        if kv_cache.device.type != "cuda":
-            self.format.write(kv_cache, blocks, host_pages.index_select(0, host_ids.cpu()))
-            return
-        staging = self._buffer("recall", layer, host_pages, blocks.numel())
-        torch.index_select(host_pages, 0, host_ids.cpu(), out=staging)
-        stream = self._side_stream(kv_cache.device)
-        stream.wait_stream(torch.cuda.current_stream(kv_cache.device))  # blocks free to overwrite
-        with torch.cuda.stream(stream):
-            self.format.write(kv_cache, blocks, staging.to(kv_cache.device, non_blocking=True))
-            self._ready[layer] = self._record(("recall", layer), stream)
 
-    def backup(self, layer: int, kv_cache: torch.Tensor, blocks: torch.Tensor,
-               host_pages: torch.Tensor, host_ids: torch.Tensor) -> None:
-        """Queue copies of ``blocks`` into host pages ``host_ids`` of ``layer``; they land
-        by :meth:`finish_backups` (called by the next recall of the layer at the latest)."""
-        if not blocks.numel():
-            return
-        if kv_cache.device.type != "cuda":
-            host_pages.index_copy_(0, host_ids.cpu(), self.format.read(kv_cache, blocks))
-            return
-        staging = self._buffer("backup", layer, host_pages, blocks.numel())
-        stream = self._side_stream(kv_cache.device)
-        stream.wait_stream(torch.cuda.current_stream(kv_cache.device))  # pages written
-        with torch.cuda.stream(stream):
-            staging.copy_(self.format.read(kv_cache, blocks), non_blocking=True)
-            event = self._record(("backup", layer), stream)
-        self._pending[layer].append((event, staging, host_pages, host_ids.cpu()))
+COPY = Kernel(_copy_kernel)
 
-    def finish_backups(self, layer: int) -> None:
-        for event, staging, host_pages, host_ids in self._pending[layer]:
-            event.synchronize()
-            host_pages.index_copy_(0, host_ids, staging)
-        self._pending[layer].clear()
+# Integer types of the same width: pages are copied bit for bit (the interpreter reads
+# floating-point halves only through a cast).
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-    def wait(self, layer: int, device: torch.device) -> None:
-        """Make ``device``'s current stream wait for ``layer``'s copies."""
-        if self._ready[layer] is not None:
-            torch.cuda.current_stream(device).wait_event(self._ready[layer])
 
-    def _side_stream(self, device):
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device)
-        return self._stream
+def copy_pages(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor,
+               dst_ids: torch.Tensor, valid: torch.Tensor, device: torch.device) -> None:
+    """Copy page ``src_ids[i]`` of ``src`` over page ``dst_ids[i]`` of ``dst`` where ``valid[i]``.
 
-    def _record(self, key, stream):
-        event = torch.cuda.Event()
-        event.record(stream)
-        self._staging_free[key] = event
-        return event
+    ``src_ids``, ``dst_ids`` and ``valid`` have one shape (flattened here) and live on
+    ``device``; ``src``/``dst`` are on ``device`` or are its host-store tensors (on CUDA: pinned
+    device views, see :func:`host_view`). Destination pages of valid pairs are distinct.
+    """
+    num_pages, kv_heads, block_size, row = dst.shape
+    if src.shape[1:] != dst.shape[1:] or src.dtype != dst.dtype:
+        raise ValueError(f"pages differ: {tuple(src.shape)} {src.dtype} vs "
+                         f"{tuple(dst.shape)} {dst.dtype}")
+    if src.stride(-1) != 1 or dst.stride(-1) != 1:
+        raise ValueError("page tensors need a contiguous last dimension")
+    pairs = valid.numel()
+    if not pairs:
+        return
+    bits = _BITS[dst.element_size()]
+    src_bits, dst_bits = src.view(bits), dst.view(bits)
+    COPY.on(device)[(pairs, kv_heads)](
+        src_bits, dst_bits, src_ids.reshape(-1).to(torch.int32),
+        dst_ids.reshape(-1).to(torch.int32), valid.reshape(-1).to(torch.int8),
+        src.stride(0), src.stride(1), src.stride(2), dst.stride(0), dst.stride(1), dst.stride(2),
+        block_size, row, BLOCK_T=power_of_two(block_size), ROW=power_of_two(row))
 
-    def _buffer(self, kind: str, layer: int, host_pages: torch.Tensor, n: int) -> torch.Tensor:
-        """A pinned ``[n, *page]`` staging buffer, grown as needed, free of earlier copies."""
-        key = (kind, layer)
-        busy = self._staging_free.pop(key, None)
-        if busy is not None:
-            busy.synchronize()
-        buffer = self._staging.get(key)
-        if kind == "backup" and self._pending[layer]:
-            buffer = None  # still to be scattered: take a fresh one
-        if buffer is None or buffer.shape[0] < n:
-            buffer = torch.empty((max(n, 16), *host_pages.shape[1:]), dtype=host_pages.dtype,
-                                 pin_memory=True)
-            self._staging[key] = buffer
-        return buffer[:n]
+
+def copy_pages_reference(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor,
+                         dst_ids: torch.Tensor, valid: torch.Tensor) -> None:
+    """:func:`copy_pages` in torch (boolean indexing: a host sync on an accelerator)."""
+    valid = valid.reshape(-1)
+    take = src_ids.reshape(-1)[valid].to(src.device)
+    into = dst_ids.reshape(-1)[valid].to(dst.device)
+    dst.index_copy_(0, into, src.index_select(0, take).to(dst.device))
+
+
+def host_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (pinned) as a tensor kernels on ``device`` can address; itself off CUDA."""
+    if device.type != "cuda" or host.device.type != "cpu":
+        return host
+    from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
+
+    return get_accelerator_view_from_cpu_tensor(host)

@@ -43,6 +43,9 @@ class PageSelectionPolicy(EvictionPolicy):
     # False: every page stays resident and only attention is restricted to the selection.
     recalls: ClassVar[bool] = True
     digest: ClassVar[str | None] = None  # a digest kind the policy requires (else --kv-digest)
+    # True: ``score`` is the digest upper bound averaged over all query heads
+    # (``score_pages(per_kv_head=False)``), which the CUDA scoring kernel computes.
+    digest_bound_score: ClassVar[bool] = False
 
     def score(self, query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         """``[num_pages]`` scores (higher = keep) of pages with digests ``hi``/``lo``

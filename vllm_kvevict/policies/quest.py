@@ -24,5 +24,7 @@ class Quest(PageSelectionPolicy):
     recalls = False
     digest = "cuboid-max"
 
+    digest_bound_score = True
+
     def score(self, query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         return score_pages(query, hi, lo, per_kv_head=False)

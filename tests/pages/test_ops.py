@@ -1,0 +1,123 @@
+"""The page runtime's two implementations of its per-layer work (:mod:`vllm_kvevict.pages.ops`):
+the kernels (Triton's interpreter here, compiled on CUDA) against torch, through the runtime, on
+vLLM 0.32's FlashAttention cache layouts with several rows and layers; and the host
+synchronisations the CUDA path makes (none per layer)."""
+import pytest
+import torch
+
+from tests.host_syncs import HostSyncCounter
+from tests.test_pages import BS, CACHES, LAYERS, FakeEngine
+from vllm_kvevict.pages.ops import PageOps, TritonPageOps, page_ops_for
+from vllm_kvevict.paging import PageLayout
+
+QUEST_LAYOUT = PageLayout(block_size=BS, budget_pages=40, sink_pages=1, window_pages=1,
+                          top_k_pages=2)
+FLASH = ["flash-LBNHC", "flash-BLNHC", "flash-LBHNC"]
+
+
+def _engine(cache, policy, sparse, ops):
+    if policy == "quest":
+        return FakeEngine(cache=CACHES[cache], policy="quest", host_pages=0, layout=QUEST_LAYOUT,
+                          ops=ops)
+    return FakeEngine(cache=CACHES[cache], sparse=sparse, ops=ops)
+
+
+def _scenario():
+    """Steps of a mixed batch: two prompts, decodes across page boundaries with the favoured page
+    moving (recalls), a third prompt ending while the others decode."""
+    prompts = {"a": 11 * BS + 2, "b": 8 * BS, "c": 9 * BS + 3}
+    yield {"a": prompts["a"], "b": prompts["b"]}, prompts, {"a": 3, "b": 2}
+    for step in range(2 * BS + 3):
+        batch = {"a": 1, "b": 1}
+        if step == 3:
+            batch["c"] = prompts["c"]
+        elif step > 3:
+            batch["c"] = 1
+        favour = {"a": 2 + step % 7, "b": 1 + (3 * step) % 6, "c": 4 - step % 3}
+        yield batch, prompts, favour
+
+
+@pytest.mark.parametrize("cache", FLASH)
+@pytest.mark.parametrize("policy, sparse", [("arkvale", False), ("arkvale", True),
+                                            ("quest", True)])
+def test_kernels_match_torch_through_the_runtime(cache, policy, sparse):
+    torch_engine = _engine(cache, policy, sparse, PageOps(host_sync_free=False))
+    kernel_engine = _engine(cache, policy, sparse, TritonPageOps())
+    recalls = 0
+    for batch, prompts, favour in _scenario():
+        _, torch_tables = torch_engine.step(batch, prompts, favour)
+        _, kernel_tables = kernel_engine.step(batch, prompts, favour)
+        slots = [h for state in kernel_engine.runtime.requests.values() for h in state.host_ids]
+        for layer in range(LAYERS):
+            assert torch.equal(kernel_engine.kv[layer], torch_engine.kv[layer])
+            torch.testing.assert_close(kernel_engine.store.digests[layer][slots],
+                                       torch_engine.store.digests[layer][slots])
+            if kernel_engine.store.pages:
+                assert torch.equal(kernel_engine.store.pages[layer][slots],
+                                   torch_engine.store.pages[layer][slots])
+            assert kernel_tables[layer].keys() == torch_tables[layer].keys()
+            for row, blocks in kernel_tables[layer].items():
+                assert torch.equal(blocks, torch_tables[layer][row])
+        for req, state in kernel_engine.runtime.requests.items():
+            assert torch.equal(state.held, torch_engine.runtime.requests[req].held)
+            if batch[req] == 1:  # decoding: the scheduler's frees have happened
+                kernel_engine.check_invariants(req)
+        recalls = kernel_engine.runtime.stats.recalled
+        assert kernel_engine.runtime.stats == torch_engine.runtime.stats
+    assert recalls > 0 or policy == "quest"
+
+
+def test_workers_pick_kernels_on_cuda_and_torch_elsewhere():
+    assert type(page_ops_for("cuda")) is TritonPageOps
+    cpu = page_ops_for("cpu")
+    assert type(cpu) is PageOps and cpu.host_sync_free
+
+
+@pytest.mark.parametrize("policy, sparse", [("arkvale", False), ("arkvale", True),
+                                            ("quest", True)])
+def test_no_host_sync_per_layer_on_the_cuda_path(policy, sparse, monkeypatch):
+    """Several rows and layers, recalls in most decode steps: the layers make no host sync; a
+    step makes one per batch it commits (the updated page tables, after the last layer)."""
+    engine = _engine("flash-LBNHC", policy, sparse, TritonPageOps())
+    counter = HostSyncCounter()
+    calls: list[tuple[int, list[str]]] = []  # (layer, what it synced on)
+    runtime = engine.runtime
+
+    def counted(method):
+        def call(layer, *args):
+            counter.take()  # the fake engine's own work between calls
+            result = method(layer, *args)
+            calls.append((layer, counter.take()))
+            return result
+        return call
+
+    monkeypatch.setattr(runtime, "before_attention", counted(runtime.before_attention))
+    monkeypatch.setattr(runtime, "after_attention", counted(runtime.after_attention))
+    steps = list(_scenario())
+    engine.step(*steps[0])  # prompts (not counted)
+    calls.clear()
+    commits = 0
+    with counter.install(monkeypatch):
+        for step in steps[1:]:
+            plan, _ = engine.step(*step)
+            commits += (plan.selections is not None) + (plan.prefill_ends is not None)
+    assert len(calls) == 2 * LAYERS * (len(steps) - 1)
+    assert all(events == [] for layer, events in calls if layer < LAYERS - 1), calls
+    last = [event for layer, events in calls if layer == LAYERS - 1 for event in events]
+    assert last == ["cpu"] * commits  # one copy of the page tables per committed batch
+    assert commits >= len(steps) // 2
+
+
+def test_the_counter_sees_the_syncs_of_the_cpu_path(monkeypatch):
+    """The torch ops on CPU skip empty work by reading tensors (free there): counted here, so the
+    test above cannot pass by counting nothing."""
+    engine = _engine("flash-LBNHC", "arkvale", False, PageOps(host_sync_free=True))
+    counter = HostSyncCounter()
+    steps = list(_scenario())
+    engine.step(*steps[0])
+    with counter.install(monkeypatch):
+        for step in steps[1:6]:
+            engine.step(*step)
+    events = counter.take()
+    assert "is_nonzero" in events or "_local_scalar_dense" in events
+    assert "index" in events  # boolean-mask indexing of the masked copies

@@ -1,0 +1,238 @@
+"""The page runtime of a selecting policy (arkvale, quest): plan per step, run per layer."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from vllm_kvevict.algorithms.selection import keep_mask
+from vllm_kvevict.pages.formats import BlockFormat
+from vllm_kvevict.pages.ops import PageOps, page_ops_for
+from vllm_kvevict.pages.plan import RowSelection, SelectionBatch, StepPlan, to_device
+from vllm_kvevict.pages.probe import SelectionProbe
+from vllm_kvevict.pages.requests import (PageStats, RequestPages, RequestRegistry, RowInput,
+                                         own_row_blocks)
+from vllm_kvevict.pages.store import HostPageStore
+from vllm_kvevict.paging import PageLayout
+
+
+class PageRuntime(RequestRegistry):
+    """Per-worker page bookkeeping of one KV-cache group under a selecting policy."""
+
+    def __init__(self, layout: PageLayout, policy, digest: str, sparse_attention: bool,
+                 store: HostPageStore, block_format: BlockFormat, num_layers: int,
+                 ops: PageOps | None = None):
+        self.layout = layout
+        self.policy = policy
+        self.digest = digest
+        self.sparse_attention = sparse_attention
+        self.store = store
+        self.format = block_format
+        self.num_layers = num_layers
+        # Non-recalling policies (quest) keep every page resident: no host copies, digests by
+        # block id, attention restricted to the selection.
+        self.recalls = policy.recalls
+        if not self.recalls:
+            self.sparse_attention = True
+        self.requests: dict[str, RequestPages] = {}
+        self.ops = ops  # chosen by the KV cache's device at the first plan unless given
+        self.probe: SelectionProbe | None = None  # set by benchmarks
+        self._stats = PageStats()
+        # Page copies counted on the device by the layers ([recalled, evicted], cumulative),
+        # added to ``stats`` when it is read: counting on the host would cost a sync per layer.
+        self._copies: torch.Tensor | None = None
+
+    @property
+    def stats(self) -> PageStats:
+        """Cumulative counters (reading them waits for the layers' copies to be counted)."""
+        if self._copies is None:
+            return dataclasses.replace(self._stats)
+        recalled, evicted = self._copies.tolist()
+        return dataclasses.replace(self._stats, recalled=self._stats.recalled + recalled,
+                                   evicted=self._stats.evicted + evicted)
+
+    @property
+    def bound(self) -> bool:
+        return self.store.bound
+
+    def bind(self, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        """Allocate the host store and digests once the KV cache exists."""
+        self.store.bind(kv_cache, self.format, num_kv_heads, head_dim)
+
+    # --- per step ------------------------------------------------------------------------------
+
+    def plan_step(self, rows: Sequence[RowInput], device) -> StepPlan:
+        """Update owned blocks, reserve host pages for pages filled this step, pick the rows that
+        select. Called once per step before any layer runs."""
+        layout, bs = self.layout, self.layout.block_size
+        if self.ops is None:
+            self.ops = page_ops_for(device)
+        if self._copies is None:
+            self._copies = torch.zeros(2, dtype=torch.int64, device=device)
+        backup_blocks: list[int] = []
+        backup_hosts: list[int] = []
+        selections: list[RowSelection] = []
+        prefill_ends: list[RowSelection] = []
+        sparse: dict[int, int] = {}
+        for i, row in enumerate(rows):
+            state = self._state_for(row)
+            seq_len = row.num_computed + row.num_new
+            prefilling = row.num_computed < row.num_prompt
+            evicted, positions, _ = own_row_blocks(state, row, layout, self.num_layers,
+                                                   self._stats)
+            num_full = seq_len // bs
+            new_pages = range(len(state.host_ids), num_full)
+            if len(new_pages):
+                if self.recalls:
+                    hosts = self.store.allocate(len(new_pages))
+                else:
+                    hosts = [int(row.block_row[p]) for p in new_pages]
+                state.host_ids.extend(hosts)
+                backup_hosts.extend(hosts)
+                backup_blocks.extend(int(row.block_row[p]) for p in new_pages)
+                self._stats.backed_up += len(new_pages)
+
+            partial = seq_len % bs != 0
+            last_token = row.first_token + row.num_new - 1
+            restricts = (not self.recalls
+                         and num_full > layout.selected_pages(num_full, partial))
+            if not prefilling and (len(evicted) or restricts):
+                selections.append(self._selection(i, last_token, state, num_full, partial))
+                self._stats.selections += 1
+                if self.sparse_attention:
+                    num_selected = layout.selected_pages(num_full, partial)
+                    sparse[i] = num_selected * bs + seq_len % bs
+            elif prefilling and seq_len >= row.num_prompt:
+                after = layout.evicted_pages(seq_len, prefilling=False)
+                if len(after):
+                    sel = self._selection(i, last_token, state, num_full, partial)
+                    # Only blocks that stay owned receive kept pages.
+                    sel.candidates = [c for c in sel.candidates if positions[c] not in after]
+                    prefill_ends.append(sel)
+        backup = to_device({"blocks": torch.tensor(backup_blocks, dtype=torch.int64),
+                            "hosts": torch.tensor(backup_hosts, dtype=torch.int64)}, device)
+        batch = lambda rows: (  # noqa: E731
+            SelectionBatch(rows, self.num_layers, device) if rows else None)
+        return StepPlan(backup["blocks"], backup["hosts"], batch(selections),
+                        batch(prefill_ends), sparse)
+
+    def _selection(self, row: int, token: int, state: RequestPages, num_full: int,
+                   partial: bool) -> RowSelection:
+        layout = self.layout
+        num_full_cols = len(state.positions) - (1 if partial else 0)
+        window_full = layout.window_pages - (1 if partial else 0)
+        return RowSelection(
+            row=row, token=token, state=state, num_full=num_full, num_full_cols=num_full_cols,
+            num_keep=min(num_full, layout.sink_pages + window_full + layout.top_k_pages),
+            pinned=(layout.sink_pages, max(0, num_full - window_full)),
+            partial_block=state.block_ids[-1] if partial else -1,
+            candidates=list(range(num_full_cols)))
+
+    # --- per layer -----------------------------------------------------------------------------
+
+    def before_attention(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
+                         plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Back up this step's full pages, then select and recall for all decode rows at once.
+
+        Returns, under sparse attention, ``(rows, table)``: each selecting row's blocks to
+        attend over (kept pages in column order, then the page being filled; the rest of the
+        table row is unspecified); otherwise None (rows attend over all owned blocks).
+        """
+        if plan.backup_blocks.numel():
+            self.ops.backup(kv_cache, self.format, plan.backup_blocks, plan.backup_hosts,
+                            self.store.digests[layer],
+                            self.store.pages[layer] if self.store.pages else None, self.digest)
+        batch = plan.selections
+        if batch is None:
+            return None
+        keep, scores = self._keep(layer, query, batch)
+        if self.recalls:  # otherwise every page is resident in its own block
+            self._place_kept(layer, kv_cache, batch, keep, scores, from_host=True)
+        if layer == self.num_layers - 1:
+            batch.commit()
+        if not self.sparse_attention:
+            return None
+        return batch.rows, _attended_blocks(batch, keep, batch.held[layer])
+
+    def after_attention(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
+                        plan: StepPlan) -> None:
+        """Rows that finished their prompt: move the best pages (scored with the last prompt
+        query) into the blocks that stay owned, before the scheduler frees the others."""
+        batch = plan.prefill_ends
+        if batch is None:
+            return
+        keep, scores = self._keep(layer, query, batch)
+        self._place_kept(layer, kv_cache, batch, keep, scores, from_host=False)
+        if layer == self.num_layers - 1:
+            batch.commit()
+
+    def _keep(self, layer: int, query: torch.Tensor, batch: SelectionBatch):
+        """``[R, P]`` pages each row keeps in ``layer`` and the scores of all its pages."""
+        scores = self.ops.score(self.policy, query[batch.tokens], self.store.digests[layer],
+                                batch.host_ids, batch.num_full)
+        keep = keep_mask(scores, batch.valid, batch.pinned, batch.num_keep)
+        if self.probe is not None:
+            self._probe(layer, query, batch, scores)
+        return keep, scores
+
+    def _place_kept(self, layer: int, kv_cache: torch.Tensor, batch: SelectionBatch,
+                    keep: torch.Tensor, scores: torch.Tensor, from_host: bool) -> None:
+        """Make every kept page resident in a candidate column of its row: kept pages that no
+        candidate holds go, in ascending page order, over the candidates holding the
+        lowest-scored pages not kept. Their content comes from the host store, or, at a
+        prompt's end (``from_host=False``), from the page's own block (then page ``p`` is held
+        by column ``p``: nothing was evicted yet). All rows in one masked copy, no host sync."""
+        held = batch.held[layer]  # [R, C]
+        num_pages = keep.shape[1]
+        candidates = batch.candidates
+        keep_padded = torch.nn.functional.pad(keep, (0, 1))  # page P: no page
+        in_place = torch.zeros_like(keep_padded).scatter_(
+            1, torch.where(candidates, held, num_pages), True)[:, :num_pages]
+        missing = keep & ~in_place
+        if self.ops.host_sync_free and not missing.any():  # most steps and layers
+            return
+        held_kept = keep_padded.gather(1, held) & candidates
+        victims = candidates & ~held_kept
+        victim_scores = torch.nn.functional.pad(scores.float(), (0, 1)).gather(1, held)
+        victim_scores = victim_scores.masked_fill(~victims, float("inf"))
+        width = min(num_pages, held.shape[1])
+        cols = torch.argsort(victim_scores, dim=1, stable=True)[:, :width]  # distinct per row
+        pages = torch.argsort((~missing).to(torch.uint8), dim=1, stable=True)[:, :width]
+        pairs = torch.arange(width, device=keep.device) < missing.sum(1, keepdim=True)
+        blocks = batch.blocks.gather(1, cols)
+        if from_host:
+            self.ops.copy_pages(self.store.pages[layer], batch.host_ids.gather(1, pages),
+                                kv_cache, blocks, pairs)
+        else:
+            self.ops.copy_pages(kv_cache, batch.blocks.gather(1, pages), kv_cache, blocks, pairs)
+        held.scatter_(1, cols, torch.where(pairs, pages, held.gather(1, cols)))
+        moved = pairs.sum()
+        self._copies[1] += moved
+        if from_host:
+            self._copies[0] += moved
+
+    def _probe(self, layer: int, query: torch.Tensor, batch: SelectionBatch,
+               scores: torch.Tensor) -> None:
+        """Benchmarks only: compare each row's digest ranking with exact attention."""
+        layout = self.layout
+        for i in range(len(batch)):
+            n = int(batch.valid[i].sum())
+            window_full = int(batch.pinned[i, layout.sink_pages:n].sum())
+            pages = self.store.pages[layer][batch.host_ids[i, :n].cpu()]
+            self.probe.record(query[batch.tokens[i]].cpu(), self.format.keys(pages).cpu(),
+                              scores[i, :n].cpu(), layout.sink_pages, window_full,
+                              layout.top_k_pages)
+
+
+def _attended_blocks(batch: SelectionBatch, keep: torch.Tensor,
+                     held: torch.Tensor) -> torch.Tensor:
+    """``[R, C + 1]``: each row's blocks holding kept pages, in column order, then the block of
+    the page being filled (at index ``num_keep``)."""
+    kept = torch.nn.functional.pad(keep, (0, 1)).gather(1, held)
+    order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)
+    table = torch.nn.functional.pad(batch.blocks.gather(1, order), (0, 1))
+    at = batch.num_keep[:, None]
+    partial = batch.partial_blocks[:, None]
+    table.scatter_(1, at, torch.where(partial >= 0, partial, table.gather(1, at)))
+    return table
