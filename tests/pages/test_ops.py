@@ -7,7 +7,7 @@ import torch
 
 from tests.host_syncs import HostSyncCounter
 from tests.test_pages import BS, CACHES, LAYERS, FakeEngine
-from vllm_kvevict.pages.ops import PageOps, TritonPageOps, page_ops_for
+from vllm_kvevict.pages.ops import CompiledCPUPageOps, PageOps, TritonPageOps, page_ops_for
 from vllm_kvevict.paging import PageLayout
 
 QUEST_LAYOUT = PageLayout(block_size=BS, budget_pages=40, sink_pages=1, window_pages=1,
@@ -67,10 +67,29 @@ def test_kernels_match_torch_through_the_runtime(cache, policy, sparse):
     assert recalls > 0 or policy == "quest"
 
 
-def test_workers_pick_kernels_on_cuda_and_torch_elsewhere():
+@pytest.mark.parametrize("cache", ["cpu", "flash-LBNHC"])
+@pytest.mark.parametrize("policy, sparse", [("arkvale", False), ("arkvale", True),
+                                            ("quest", True)])
+def test_compiled_cpu_kernels_match_torch_through_the_runtime(cache, policy, sparse):
+    torch_engine = _engine(cache, policy, sparse, PageOps(host_sync_free=True))
+    compiled_engine = _engine(cache, policy, sparse, CompiledCPUPageOps(host_sync_free=True))
+    for batch, prompts, favour in _scenario():
+        _, torch_tables = torch_engine.step(batch, prompts, favour)
+        _, compiled_tables = compiled_engine.step(batch, prompts, favour)
+        for layer in range(LAYERS):
+            assert torch.equal(compiled_engine.kv[layer], torch_engine.kv[layer])
+            for row, blocks in compiled_tables[layer].items():
+                assert torch.equal(blocks, torch_tables[layer][row])
+        for req, state in compiled_engine.runtime.requests.items():
+            assert torch.equal(state.held, torch_engine.runtime.requests[req].held)
+        assert compiled_engine.runtime.stats == torch_engine.runtime.stats
+    assert compiled_engine.runtime.stats.recalled > 0 or policy == "quest"
+
+
+def test_workers_pick_kernels_on_cuda_and_compiled_kernels_on_cpu():
     assert type(page_ops_for("cuda")) is TritonPageOps
     cpu = page_ops_for("cpu")
-    assert type(cpu) is PageOps and cpu.host_sync_free
+    assert type(cpu) is CompiledCPUPageOps and cpu.host_sync_free
 
 
 @pytest.mark.parametrize("policy, sparse", [("arkvale", False), ("arkvale", True),

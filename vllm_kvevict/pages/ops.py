@@ -8,10 +8,14 @@ Triton one through Triton's interpreter on CPU tensors and compare it with the t
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from vllm_kvevict.algorithms.digest import page_digests, score_packed_pages
+from vllm_kvevict.algorithms.selection import keep_mask
 from vllm_kvevict.pages.formats import BlockFormat
+from vllm_kvevict.pages.plan import SelectionBatch
 
 
 class PageOps:
@@ -30,6 +34,63 @@ class PageOps:
         if policy.digest_bound_score:
             return score_packed_pages(query, box)
         return policy.score(query, box[:, :, 0], box[:, :, 1])
+
+    def select(self, policy, query: torch.Tensor, digests: torch.Tensor, batch: SelectionBatch,
+               held: torch.Tensor, kv_cache: torch.Tensor, source: torch.Tensor | None,
+               from_host: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+        """One layer's selection for every row of ``batch``: scores, the keep mask (sinks and
+        window, then the best-scored pages) and, unless ``source`` is None, the kept pages made
+        resident (:meth:`place_kept`). Returns ``(keep [R, P], scores [R, P], pages moved)``;
+        ``query`` is ``[R, heads, head_dim]``, ``held`` this layer's ``[R, C]`` page per column
+        (updated in place)."""
+        scores = self.score(policy, query, digests, batch.host_ids, batch.num_full)
+        keep = keep_mask(scores, batch.valid, batch.pinned, batch.num_keep)
+        moved = 0
+        if source is not None:
+            moved = self.place_kept(batch, held, keep, scores, kv_cache, source, from_host)
+        return keep, scores, moved
+
+    def place_kept(self, batch: SelectionBatch, held: torch.Tensor, keep: torch.Tensor,
+                   scores: torch.Tensor, kv_cache: torch.Tensor, source: torch.Tensor,
+                   from_host: bool) -> torch.Tensor | int:
+        """Make every kept page resident in a candidate column of its row: kept pages that no
+        candidate holds go, in ascending page order, over the candidates holding the
+        lowest-scored pages not kept (ties: the lower column). Their content comes from the
+        host store ``source``, or, at a prompt's end (``from_host=False``, ``source`` the KV
+        cache), from the page's own block (page ``p`` is then held by column ``p``: nothing was
+        evicted yet). All rows in one masked copy; returns the pages moved."""
+        num_pages = keep.shape[1]
+        candidates = batch.candidates
+        keep_padded = torch.nn.functional.pad(keep, (0, 1))  # page P: no page
+        in_place = torch.zeros_like(keep_padded).scatter_(
+            1, torch.where(candidates, held, num_pages), True)[:, :num_pages]
+        missing = keep & ~in_place
+        if self.host_sync_free and not missing.any():  # most steps and layers
+            return 0
+        held_kept = keep_padded.gather(1, held) & candidates
+        victims = candidates & ~held_kept
+        victim_scores = torch.nn.functional.pad(scores.float(), (0, 1)).gather(1, held)
+        victim_scores = victim_scores.masked_fill(~victims, float("inf"))
+        width = min(num_pages, held.shape[1])
+        cols = torch.argsort(victim_scores, dim=1, stable=True)[:, :width]  # distinct per row
+        pages = torch.argsort((~missing).to(torch.uint8), dim=1, stable=True)[:, :width]
+        pairs = torch.arange(width, device=keep.device) < missing.sum(1, keepdim=True)
+        sources = (batch.host_ids if from_host else batch.blocks).gather(1, pages)
+        self.copy_pages(source, sources, kv_cache, batch.blocks.gather(1, cols), pairs)
+        held.scatter_(1, cols, torch.where(pairs, pages, held.gather(1, cols)))
+        return pairs.sum()
+
+    def attended_blocks(self, batch: SelectionBatch, keep: torch.Tensor,
+                        held: torch.Tensor) -> torch.Tensor:
+        """``[R, C + 1]``: each row's blocks holding kept pages, in column order, then the
+        block of the page being filled (at index ``num_keep``); the rest is unspecified."""
+        kept = torch.nn.functional.pad(keep, (0, 1)).gather(1, held)
+        order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)
+        table = torch.nn.functional.pad(batch.blocks.gather(1, order), (0, 1))
+        at = batch.num_keep[:, None]
+        partial = batch.partial_blocks[:, None]
+        table.scatter_(1, at, torch.where(partial >= 0, partial, table.gather(1, at)))
+        return table
 
     def backup(self, kv_cache: torch.Tensor, block_format: BlockFormat, blocks: torch.Tensor,
                slots: torch.Tensor, digests: torch.Tensor, host_pages: torch.Tensor | None,
@@ -95,9 +156,56 @@ class TritonPageOps(PageOps):
         return self._views[key]
 
 
+class CompiledCPUPageOps(PageOps):
+    """CPU: selection as one compiled call per layer for every row
+    (:func:`vllm_kvevict.kernels.cpu.select_pages`) for policies scored by the digest bound;
+    the rest as :class:`PageOps`."""
+
+    def select(self, policy, query, digests, batch, held, kv_cache, source, from_host):
+        from vllm_kvevict.kernels import cpu
+
+        if not policy.digest_bound_score:
+            return super().select(policy, query, digests, batch, held, kv_cache, source,
+                                  from_host)
+        rows, num_pages = batch.host_ids.shape
+        keep = torch.zeros((rows, num_pages), dtype=torch.bool)
+        scores = torch.zeros((rows, num_pages), dtype=torch.float32)
+        mode = cpu.NO_PLACEMENT if source is None else (
+            cpu.FROM_HOST if from_host else cpu.WITHIN_CACHE)
+        cache = _bits(kv_cache)
+        moved = cpu.select_pages(
+            query.float().numpy(), digests.numpy(), batch.host_ids.numpy(),
+            batch.num_full.numpy(), batch.pinned.numpy(), batch.num_keep.numpy(), held.numpy(),
+            batch.candidates.numpy(), batch.blocks.numpy(),
+            cache if source is None else _bits(source), cache, mode, keep.numpy(),
+            scores.numpy())
+        return keep, scores, moved
+
+    def attended_blocks(self, batch, keep, held):
+        from vllm_kvevict.kernels import cpu
+
+        rows, num_cols = held.shape
+        table = torch.empty((rows, num_cols + 1), dtype=torch.int64)
+        cpu.attended_blocks(keep.numpy(), held.numpy(), batch.blocks.numpy(),
+                            batch.num_keep.numpy(), batch.partial_blocks.numpy(), table.numpy())
+        return table
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(pages: torch.Tensor):
+    """``pages`` as a numpy array of same-width integers (numpy has no bfloat16)."""
+    return pages.view(_BITS[pages.element_size()]).numpy()
+
+
 def page_ops_for(device: torch.device | str) -> PageOps:
-    """The ops a worker on ``device`` runs: the kernels on CUDA, torch elsewhere."""
+    """The ops a worker on ``device`` runs: the Triton kernels on CUDA, the compiled CPU kernels
+    on CPU (torch if numba is missing), torch elsewhere."""
     device = torch.device(device)
     if device.type == "cuda":
         return TritonPageOps()
-    return PageOps(host_sync_free=device.type == "cpu")
+    if device.type == "cpu":
+        compiled = importlib.util.find_spec("numba") is not None
+        return (CompiledCPUPageOps if compiled else PageOps)(host_sync_free=True)
+    return PageOps(host_sync_free=False)

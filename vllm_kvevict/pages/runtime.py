@@ -6,7 +6,6 @@ from typing import Sequence
 
 import torch
 
-from vllm_kvevict.algorithms.selection import keep_mask
 from vllm_kvevict.pages.formats import BlockFormat
 from vllm_kvevict.pages.ops import PageOps, page_ops_for
 from vllm_kvevict.pages.plan import RowSelection, SelectionBatch, StepPlan, to_device
@@ -146,14 +145,12 @@ class PageRuntime(RequestRegistry):
         batch = plan.selections
         if batch is None:
             return None
-        keep, scores = self._keep(layer, query, batch)
-        if self.recalls:  # otherwise every page is resident in its own block
-            self._place_kept(layer, kv_cache, batch, keep, scores, from_host=True)
+        keep = self._select(layer, query, kv_cache, batch, from_host=True)
         if layer == self.num_layers - 1:
             batch.commit()
         if not self.sparse_attention:
             return None
-        return batch.rows, _attended_blocks(batch, keep, batch.held[layer])
+        return batch.rows, self.ops.attended_blocks(batch, keep, batch.held[layer])
 
     def after_attention(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
                         plan: StepPlan) -> None:
@@ -162,55 +159,27 @@ class PageRuntime(RequestRegistry):
         batch = plan.prefill_ends
         if batch is None:
             return
-        keep, scores = self._keep(layer, query, batch)
-        self._place_kept(layer, kv_cache, batch, keep, scores, from_host=False)
+        self._select(layer, query, kv_cache, batch, from_host=False)
         if layer == self.num_layers - 1:
             batch.commit()
 
-    def _keep(self, layer: int, query: torch.Tensor, batch: SelectionBatch):
-        """``[R, P]`` pages each row keeps in ``layer`` and the scores of all its pages."""
-        scores = self.ops.score(self.policy, query[batch.tokens], self.store.digests[layer],
-                                batch.host_ids, batch.num_full)
-        keep = keep_mask(scores, batch.valid, batch.pinned, batch.num_keep)
+    def _select(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
+                batch: SelectionBatch, from_host: bool) -> torch.Tensor:
+        """Score, keep and (recalling policies) place kept pages for every row of ``batch``;
+        returns the ``[R, P]`` keep mask. Page copies are counted on the device."""
+        source = None
+        if self.recalls:  # otherwise every page is resident in its own block
+            source = self.store.pages[layer] if from_host else kv_cache
+        keep, scores, moved = self.ops.select(self.policy, query[batch.tokens],
+                                              self.store.digests[layer], batch, batch.held[layer],
+                                              kv_cache, source, from_host)
+        if source is not None:
+            self._copies[1] += moved
+            if from_host:
+                self._copies[0] += moved
         if self.probe is not None:
             self._probe(layer, query, batch, scores)
-        return keep, scores
-
-    def _place_kept(self, layer: int, kv_cache: torch.Tensor, batch: SelectionBatch,
-                    keep: torch.Tensor, scores: torch.Tensor, from_host: bool) -> None:
-        """Make every kept page resident in a candidate column of its row: kept pages that no
-        candidate holds go, in ascending page order, over the candidates holding the
-        lowest-scored pages not kept. Their content comes from the host store, or, at a
-        prompt's end (``from_host=False``), from the page's own block (then page ``p`` is held
-        by column ``p``: nothing was evicted yet). All rows in one masked copy, no host sync."""
-        held = batch.held[layer]  # [R, C]
-        num_pages = keep.shape[1]
-        candidates = batch.candidates
-        keep_padded = torch.nn.functional.pad(keep, (0, 1))  # page P: no page
-        in_place = torch.zeros_like(keep_padded).scatter_(
-            1, torch.where(candidates, held, num_pages), True)[:, :num_pages]
-        missing = keep & ~in_place
-        if self.ops.host_sync_free and not missing.any():  # most steps and layers
-            return
-        held_kept = keep_padded.gather(1, held) & candidates
-        victims = candidates & ~held_kept
-        victim_scores = torch.nn.functional.pad(scores.float(), (0, 1)).gather(1, held)
-        victim_scores = victim_scores.masked_fill(~victims, float("inf"))
-        width = min(num_pages, held.shape[1])
-        cols = torch.argsort(victim_scores, dim=1, stable=True)[:, :width]  # distinct per row
-        pages = torch.argsort((~missing).to(torch.uint8), dim=1, stable=True)[:, :width]
-        pairs = torch.arange(width, device=keep.device) < missing.sum(1, keepdim=True)
-        blocks = batch.blocks.gather(1, cols)
-        if from_host:
-            self.ops.copy_pages(self.store.pages[layer], batch.host_ids.gather(1, pages),
-                                kv_cache, blocks, pairs)
-        else:
-            self.ops.copy_pages(kv_cache, batch.blocks.gather(1, pages), kv_cache, blocks, pairs)
-        held.scatter_(1, cols, torch.where(pairs, pages, held.gather(1, cols)))
-        moved = pairs.sum()
-        self._copies[1] += moved
-        if from_host:
-            self._copies[0] += moved
+        return keep
 
     def _probe(self, layer: int, query: torch.Tensor, batch: SelectionBatch,
                scores: torch.Tensor) -> None:
@@ -224,15 +193,3 @@ class PageRuntime(RequestRegistry):
                               scores[i, :n].cpu(), layout.sink_pages, window_full,
                               layout.top_k_pages)
 
-
-def _attended_blocks(batch: SelectionBatch, keep: torch.Tensor,
-                     held: torch.Tensor) -> torch.Tensor:
-    """``[R, C + 1]``: each row's blocks holding kept pages, in column order, then the block of
-    the page being filled (at index ``num_keep``)."""
-    kept = torch.nn.functional.pad(keep, (0, 1)).gather(1, held)
-    order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)
-    table = torch.nn.functional.pad(batch.blocks.gather(1, order), (0, 1))
-    at = batch.num_keep[:, None]
-    partial = batch.partial_blocks[:, None]
-    table.scatter_(1, at, torch.where(partial >= 0, partial, table.gather(1, at)))
-    return table
