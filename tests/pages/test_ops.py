@@ -82,6 +82,13 @@ def test_compiled_cpu_kernels_match_torch_through_the_runtime(cache, policy, spa
                 assert torch.equal(blocks, torch_tables[layer][row])
         for req, state in compiled_engine.runtime.requests.items():
             assert torch.equal(state.held, torch_engine.runtime.requests[req].held)
+            slots = state.host_ids
+            for layer in range(LAYERS):
+                torch.testing.assert_close(compiled_engine.store.digests[layer][slots],
+                                           torch_engine.store.digests[layer][slots])
+                if compiled_engine.store.pages:
+                    assert torch.equal(compiled_engine.store.pages[layer][slots],
+                                       torch_engine.store.pages[layer][slots])
         assert compiled_engine.runtime.stats == torch_engine.runtime.stats
     assert compiled_engine.runtime.stats.recalled > 0 or policy == "quest"
 
@@ -140,3 +147,41 @@ def test_the_counter_sees_the_syncs_of_the_cpu_path(monkeypatch):
     events = counter.take()
     assert "is_nonzero" in events or "_local_scalar_dense" in events
     assert "index" in events  # boolean-mask indexing of the masked copies
+
+
+def _vnni_key_index(block_size, head_dim):
+    """Where the CPU kernels' AMX packing (``[block/16, head_dim/2, 16, 2]`` tiles) puts key
+    ``(t, d)``."""
+    t = torch.arange(block_size).unsqueeze(1)
+    d = torch.arange(head_dim).unsqueeze(0)
+    return (((t // 16) * (head_dim // 2) + d // 2) * 32 + (t % 16) * 2 + d % 2).flatten()
+
+
+@pytest.mark.parametrize("layout", ["cpu-row-major", "cpu-amx", "flash-LBNHC"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["cuboid-mean", "cuboid-max"])
+def test_compiled_backup_matches_torch(layout, dtype, kind):
+    from tests.flash_layout import flash_layer_caches
+    from vllm_kvevict.pages import CPUBlockFormat, FlashBlockFormat
+
+    block_size, kv_heads, head_dim = 32, 2, 8
+    torch.manual_seed(5)
+    if layout == "flash-LBNHC":
+        fmt = FlashBlockFormat()
+        cache = flash_layer_caches(2, 12, block_size, kv_heads, head_dim, dtype=dtype)[1]
+        cache.copy_(torch.randn(cache.shape).to(dtype))
+    else:
+        fmt = CPUBlockFormat(_vnni_key_index(block_size, head_dim) if layout == "cpu-amx"
+                             else None)
+        cache = torch.randn(12, kv_heads, block_size, 2 * head_dim).to(dtype)
+    blocks, slots = torch.tensor([7, 2, 9]), torch.tensor([4, 0, 5])
+    results = []
+    for ops in (PageOps(), CompiledCPUPageOps()):
+        digests = torch.zeros(6, 2, kv_heads, head_dim)
+        host = torch.zeros(6, kv_heads, block_size, 2 * head_dim, dtype=dtype)
+        ops.backup(cache, fmt, blocks, slots, digests, host, kind)
+        results.append((digests, host))
+    (torch_digests, torch_host), (compiled_digests, compiled_host) = results
+    torch.testing.assert_close(compiled_digests, torch_digests)
+    assert torch.equal(compiled_host, torch_host)
+    assert compiled_digests[slots].abs().sum() > 0

@@ -126,3 +126,47 @@ def attended_blocks(keep, held, blocks, num_keep, partial_blocks, table):
         table[r, num_cols] = 0
         if partial_blocks[r] >= 0:
             table[r, num_keep[r]] = partial_blocks[r]
+
+
+@numba.njit(cache=True, nogil=True)
+def backup_pages(cache, blocks, slots, key_offsets, head_dim, bfloat16, cuboid_mean, digests,
+                 host_pages, copy):
+    """Digest the full pages in ``blocks`` into ``digests[slots]`` and (``copy``) copy them,
+    bit for bit, to ``host_pages[slots]``.
+
+    ``cache``: the layer's ``[blocks, kv_heads, block_size, row]`` integer view (``bfloat16``:
+    16-bit halves of float32, else float32 bits); key ``(t, d)`` of a head is element
+    ``key_offsets[t * head_dim + d]`` of the head's ``[block_size, row]`` tile, read row-major.
+    Digests as :func:`vllm_kvevict.algorithms.digest.page_digests` (``cuboid_mean`` or max/min).
+    """
+    kv_heads, block_size, row = cache.shape[1], cache.shape[2], cache.shape[3]
+    bits = np.empty(block_size * head_dim, dtype=np.uint32)
+    keys = bits.view(np.float32)
+    for i in range(blocks.shape[0]):
+        block, slot = blocks[i], slots[i]
+        for h in range(kv_heads):
+            for e in range(block_size * head_dim):
+                offset = key_offsets[e]
+                raw = cache[block, h, offset // row, offset % row]
+                if bfloat16:
+                    bits[e] = (np.uint32(raw) & np.uint32(0xFFFF)) << np.uint32(16)
+                else:
+                    bits[e] = np.uint32(raw)
+            for d in range(head_dim):
+                top = keys[d]
+                bottom = keys[d]
+                for t in range(1, block_size):
+                    v = keys[t * head_dim + d]
+                    top = max(top, v)
+                    bottom = min(bottom, v)
+                if cuboid_mean:
+                    centre = (top + bottom) / np.float32(2.0)
+                    spread = 0.0
+                    for t in range(block_size):
+                        spread += abs(keys[t * head_dim + d] - centre)
+                    radius = np.float32(spread / block_size)
+                    top, bottom = centre + radius, centre - radius
+                digests[slot, 0, h, d] = top
+                digests[slot, 1, h, d] = bottom
+        if copy:
+            host_pages[slot] = cache[block]

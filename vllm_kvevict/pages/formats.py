@@ -26,6 +26,11 @@ class BlockFormat:
         """``[n, block_size, num_kv_heads, head_dim]`` keys of ``read`` pages."""
         raise NotImplementedError
 
+    def key_offsets(self, block_size: int, head_dim: int) -> torch.Tensor:
+        """``[block_size * head_dim]``: where key ``(t, d)`` of a head sits in the head's
+        ``[block_size, 2 * head_dim]`` tile of a block, read row-major."""
+        raise NotImplementedError
+
 
 class CPUBlockFormat(BlockFormat):
     """vLLM's CPU layout (``LBHNC``); per head, the first ``block_size * head_dim`` elements
@@ -58,6 +63,12 @@ class CPUBlockFormat(BlockFormat):
         return raw.reshape(n, kv_heads, block_size, head_dim).permute(0, 2, 1, 3)
 
 
+    def key_offsets(self, block_size, head_dim):
+        if self.key_index is None:
+            return torch.arange(block_size * head_dim)
+        return self.key_index.cpu()
+
+
 def key_tiles(key_index: torch.Tensor, block_size: int, head_dim: int) -> tuple[int, int] | None:
     """``(tile_t, tile_d)`` if ``key_index`` is the layout ``[block_size / tile_t,
     head_dim / tile_d, tile_t, tile_d]`` (row-major is ``(1, head_dim)``, transposed
@@ -82,6 +93,10 @@ class FlashBlockFormat(BlockFormat):
 
     def keys(self, pages):
         return self.key_cache(pages)
+
+    def key_offsets(self, block_size, head_dim):
+        t = torch.arange(block_size).unsqueeze(1)
+        return (t * 2 * head_dim + torch.arange(head_dim)).flatten()
 
     def key_cache(self, kv_cache: torch.Tensor) -> torch.Tensor:
         """``[blocks, block_size, kv_heads, head_dim]`` key view of a cache (or of pages), as

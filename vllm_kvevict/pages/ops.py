@@ -157,9 +157,13 @@ class TritonPageOps(PageOps):
 
 
 class CompiledCPUPageOps(PageOps):
-    """CPU: selection as one compiled call per layer for every row
-    (:func:`vllm_kvevict.kernels.cpu.select_pages`) for policies scored by the digest bound;
-    the rest as :class:`PageOps`."""
+    """CPU: one compiled call per layer for every row (:mod:`vllm_kvevict.kernels.cpu`): the
+    selection of policies scored by the digest bound, sparse block tables, and backups of
+    bfloat16/float32 caches; the rest as :class:`PageOps`."""
+
+    def __init__(self, host_sync_free: bool = True) -> None:
+        super().__init__(host_sync_free)
+        self._key_offsets: dict[tuple[int, int], object] = {}
 
     def select(self, policy, query, digests, batch, held, kv_cache, source, from_host):
         from vllm_kvevict.kernels import cpu
@@ -180,6 +184,22 @@ class CompiledCPUPageOps(PageOps):
             cache if source is None else _bits(source), cache, mode, keep.numpy(),
             scores.numpy())
         return keep, scores, moved
+
+    def backup(self, kv_cache, block_format, blocks, slots, digests, host_pages, digest_kind):
+        from vllm_kvevict.kernels import cpu
+
+        if kv_cache.dtype not in (torch.bfloat16, torch.float32):
+            return super().backup(kv_cache, block_format, blocks, slots, digests, host_pages,
+                                  digest_kind)
+        _, _, block_size, row = kv_cache.shape
+        key = (block_size, row)
+        if key not in self._key_offsets:
+            self._key_offsets[key] = block_format.key_offsets(block_size, row // 2).numpy()
+        cache = _bits(kv_cache)
+        cpu.backup_pages(cache, blocks.numpy(), slots.numpy(), self._key_offsets[key], row // 2,
+                         kv_cache.dtype == torch.bfloat16, digest_kind == "cuboid-mean",
+                         digests.numpy(), cache if host_pages is None else _bits(host_pages),
+                         host_pages is not None)
 
     def attended_blocks(self, batch, keep, held):
         from vllm_kvevict.kernels import cpu
