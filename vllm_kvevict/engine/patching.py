@@ -7,8 +7,9 @@ from typing import Any, Callable
 _ORIGINAL = "__kvevict_original__"  # set on our wrappers: marks them and keeps the original
 
 
-def wrap_method(cls: type, name: str, hook: Callable[..., Any]) -> None:
-    """Replace ``cls.name`` by a wrapper calling ``hook(original, *args, **kwargs)``.
+def wrap_method(cls, name: str, hook: Callable[..., Any]) -> None:
+    """Replace ``cls.name`` (a class's method or a module's function) by a wrapper calling
+    ``hook(original, *args, **kwargs)``.
 
     Keeps staticmethod/classmethod kinds (a classmethod's hook receives ``cls`` after
     ``original``). Wrapping an attribute that is already our wrapper does nothing.

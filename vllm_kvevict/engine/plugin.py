@@ -11,8 +11,9 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from vllm_kvevict.engine import backend, cli, kv_spec
+    from vllm_kvevict.engine import backend, cli, kv_spec, vllm_fixes
 
+    vllm_fixes.install()
     cli.install()
     kv_spec.register_spec()
     backend.register_backend()

@@ -14,7 +14,8 @@ import numpy as np
 NO_PLACEMENT, FROM_HOST, WITHIN_CACHE = 0, 1, 2
 
 
-@numba.njit(cache=True, nogil=True)
+# Sums may be reordered (vectorised); infinities stay exact (pinned pages rank +inf).
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def select_pages(query, digests, host_ids, num_full, pinned, num_keep, held, candidates, blocks,
                  source, cache, mode, keep, scores):
     """Score, keep and place pages for every row; returns the pages moved.
