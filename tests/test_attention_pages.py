@@ -3,8 +3,14 @@ drives them (the fake scheduler of ``test_pages``: a block's values name the pag
 import pytest
 import torch
 
-from tests.test_pages import BS, CACHES, HEAD_DIM, LAYERS, FakeEngine, cache  # noqa: F401
-from vllm_kvevict.attention_pages import AttentionStatsRuntime
+from tests.test_pages import BS, CACHES, GROUP, HEAD_DIM, KV_HEADS, LAYERS, CPUCache, FakeEngine
+from tests.test_pages import cache  # noqa: F401  (the fixture)
+from vllm_kvevict.algorithms.attention_stats import (PageAttentionStats, accumulate,
+                                                     page_attention_mass)
+from vllm_kvevict.algorithms.selection import topk_prefer_recent
+from vllm_kvevict.attention_pages import (AttentionStatsRuntime, BlockKeys, copy_all_blocks,
+                                          copy_valid_blocks)
+from vllm_kvevict.pages import CPUBlockFormat
 from vllm_kvevict.paging import PageLayout
 from vllm_kvevict.policies import get_policy
 
@@ -105,36 +111,200 @@ def test_request_recomputed_from_scratch_starts_over():
 
 
 class RowByRowRuntime(AttentionStatsRuntime):
-    """The same runtime observing every row on its own (the reference for the batched path)."""
+    """The reference for the batched path: each row observed (float32 page mass of
+    ``format.keys``) and evicted (``topk_prefer_recent``) on its own, in the request's own
+    statistics and page table."""
 
-    def plan_step(self, rows, device):
-        plan = super().plan_step(rows, device)
+    def after_attention(self, layer, query, kv_cache, plan):
         for obs in plan.observed:
-            obs.decode_index = None
-        plan.decode, plan.per_row = None, plan.observed
-        return plan
+            held, stats = obs.state.held[layer], obs.state.attention[layer]
+            if obs.num_queries:
+                self._observe_row(query, kv_cache, obs, held, stats)
+            if obs.survivors is not None:
+                self._evict_row(kv_cache, obs, held, stats)
+
+    def _observe_row(self, query, kv_cache, obs, held, stats):
+        bs = self.layout.block_size
+        keys = self.format.keys(self.format.read(kv_cache, torch.tensor(obs.blocks)))
+        key_positions = held.unsqueeze(1) * bs + torch.arange(bs)
+        query_positions = torch.arange(obs.num_tokens - obs.num_queries, obs.num_tokens)
+        queries = query[obs.first_query:obs.first_query + obs.num_queries]
+        mass = page_attention_mass(queries, keys, key_positions, query_positions, self.scale)
+        seen = key_positions[:, 0].unsqueeze(0) <= query_positions.unsqueeze(1)
+        accumulate(stats, held, mass, seen)
+
+    def _evict_row(self, kv_cache, obs, held, stats):
+        layout = self.layout
+        cols = obs.num_full_cols
+        pages = held[:cols]
+        partial = obs.num_tokens % layout.block_size != 0
+        window_full = layout.window_pages - (1 if partial else 0)
+        pinned = (pages < layout.sink_pages) | (pages >= obs.num_full - window_full)
+        view = PageAttentionStats(
+            total=stats[0, pages], squares=stats[1, pages], count=stats[2, pages],
+            last=stats[3, pages], pinned=pinned, budget_pages=layout.budget_pages)
+        scores = self.policy.score(view).float().masked_fill(pinned, float("inf"))
+        by_page = torch.argsort(pages)
+        kept = torch.zeros(cols, dtype=torch.bool)
+        kept[by_page[topk_prefer_recent(scores[by_page], len(obs.survivors))]] = True
+        stays = torch.zeros(cols, dtype=torch.bool)
+        stays[obs.survivors] = True
+        sources = (kept & ~stays).nonzero().squeeze(1)
+        free = (stays & ~kept).nonzero().squeeze(1)
+        victims = free[torch.argsort(scores[free], stable=True)][:sources.numel()]
+        assert victims.numel() == sources.numel()
+        blocks = torch.tensor(obs.blocks)
+        moved = self.format.read(kv_cache, blocks[sources])
+        self.format.write(kv_cache, blocks[victims], moved)
+        held[victims] = held[sources]
 
 
-@pytest.mark.parametrize("policy", ["h2o", "tova", "roco"])
-def test_decode_rows_observed_together_match_row_by_row(policy, cache):
+def key_index(tiles, block=BS, dim=HEAD_DIM):
+    """The CPU kernels' key order in tiles ``(tile_t, tile_d)`` (see ``key_tiles``)."""
+    tile_t, tile_d = tiles
+    t, d = torch.arange(block).unsqueeze(1), torch.arange(dim).unsqueeze(0)
+    return ((((t // tile_t) * (dim // tile_d) + d // tile_d) * (tile_t * tile_d)
+             + (t % tile_t) * tile_d + d % tile_d).flatten())
+
+
+class TiledCPUCache(CPUCache):
+    """vLLM's CPU cache with a block's keys in the kernels' tiled order (AMX packs ``(16, 2)``
+    tiles; here scaled down to the test's blocks), or in an order with no tiles (``None``)."""
+
+    def __init__(self, tiles):
+        index = (key_index(tiles) if tiles is not None
+                 else torch.randperm(BS * HEAD_DIM, generator=torch.Generator().manual_seed(3)))
+        self.fmt = CPUBlockFormat(index)
+
+    def write(self, kv, slots, keys, values):
+        index = self.fmt.key_index.view(BS, HEAD_DIM)
+        for slot, key, value in zip(slots.tolist(), keys, values):
+            block, offset = divmod(slot, BS)
+            raw = kv[block].view(KV_HEADS, 2 * BS * HEAD_DIM)
+            raw[:, index[offset]] = key
+            raw[:, BS * HEAD_DIM:].view(KV_HEADS, BS, HEAD_DIM)[:, offset] = value
+
+
+# Tiles (2, 2): channel pairs gathered as one word; (4, 1): transposed tiles; None: keys read
+# through the block format.
+ALL_CACHES = {**CACHES, "cpu-tiles(2,2)": TiledCPUCache((2, 2)),
+              "cpu-tiles(4,1)": TiledCPUCache((4, 1)), "cpu-untiled": TiledCPUCache(None)}
+
+
+@pytest.fixture(params=list(ALL_CACHES))
+def any_cache(request):
+    return ALL_CACHES[request.param]
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv"])
+def test_batched_rows_match_row_by_row(policy, any_cache):
+    """Prompts ending together and alongside decode rows (windows of 4, 2 and 1 queries),
+    prompt-end and decode evictions of several rows at once: the same statistics and the same
+    pages, in the same blocks, as observing and evicting row by row."""
     engines = []
     for runtime_cls in (AttentionStatsRuntime, RowByRowRuntime):
-        runtime = runtime_cls(LAYOUT, get_policy(policy), cache.fmt, LAYERS, 4)
+        runtime = runtime_cls(LAYOUT, get_policy(policy), any_cache.fmt, LAYERS, 4)
         runtime.bind(None, 1, HEAD_DIM, HEAD_DIM ** -0.5)
-        engines.append(FakeEngine(layout=LAYOUT, runtime=runtime, cache=cache))
-    prompts = {"a": 10 * BS, "b": 7 * BS + 2, "c": 3 * BS + 1}
-    for eng in engines:
-        eng.step(dict(prompts), prompts, favour={"a": 2, "b": 5, "c": 1})
-    batched = 0
-    for step in range(2 * BS + 3):
+        engines.append(FakeEngine(layout=LAYOUT, runtime=runtime, cache=any_cache))
+    prompts = {"a": 10 * BS, "b": 7 * BS + 2, "c": 3 * BS + 1, "d": 12 * BS + 3, "e": 9 * BS,
+               "f": 8 * BS + 1}
+    # Windows of 4 queries (a, b, d, e), 2 (c's last chunk) and 1 (f's last chunk).
+    schedule = [({"a": 10 * BS, "b": 7 * BS + 2, "c": 3 * BS - 1, "f": 8 * BS},
+                 {"a": 2, "b": 5}),
+                ({"a": 1, "b": 1, "c": 2, "e": 9 * BS, "f": 1}, {"a": 3, "c": 1, "f": 6}),
+                ({"a": 1, "b": 1, "c": 1, "d": 12 * BS + 3, "e": 1, "f": 1}, {"d": 7, "e": 4})]
+    schedule += [({req: 1 for req in prompts}, {"a": 2 + step % 3, "b": 4, "c": step % 2,
+                                                 "d": 7 - step % 4, "e": 6, "f": 1})
+                 for step in range(2 * BS + 3)]
+    together = {"single": 0, "windows": 0, "mixed": 0, "evict": 0}
+    for batch, favour in schedule:
         for eng in engines:
-            plan, _ = eng.step({"a": 1, "b": 1, "c": 1}, prompts,
-                               favour={"a": 2 + step % 3, "b": 4, "c": step % 2})
-            batched += plan.decode is not None and len(plan.decode.observers) == 3
+            plan, _ = eng.step(dict(batch), prompts, favour)
         fast, slow = (eng.runtime.requests for eng in engines)
-        for req in prompts:
+        for req in batch:
             assert torch.equal(fast[req].held, slow[req].held)
             torch.testing.assert_close(fast[req].attention, slow[req].attention)
             if all(obs.survivors is None for obs in plan.observed):  # else: before the frees
                 engines[0].check_invariants(req)
-    assert batched == 2 * BS + 3  # every step observed the three rows together
+        rows = plan.batch
+        if rows is not None:
+            windows = rows.num_observing - rows.num_single
+            together["single"] += rows.num_single >= 3
+            together["windows"] += windows >= 2
+            together["mixed"] += windows >= 1 and rows.num_single >= 1
+            together["evict"] += rows.num_evicting >= 2
+    assert together["windows"] >= 2  # prompt windows padded together
+    assert together["evict"] >= 2  # several rows evicting in one step
+    if policy != "snapkv":
+        assert together["single"] >= 2 * BS and together["mixed"] >= 2
+    assert engines[0].runtime.stats.evicted == engines[1].runtime.stats.evicted > 0
+
+
+@pytest.mark.parametrize("tiles", [(2, 2), (4, 1), (1, 8), (4, 8), None], ids=str)
+@pytest.mark.parametrize("num_queries", [1, 4])  # thin and wide products
+def test_block_keys_multiply_keys_as_the_format_reads_them(tiles, num_queries):
+    cache = TiledCPUCache(tiles) if tiles is not None else CPUCache()
+    kv = torch.randn(12, KV_HEADS, BS, 2 * HEAD_DIM)
+    blocks = torch.tensor([[3, 7, 1], [5, 0, 11]])
+    queries = torch.randn(2, num_queries, KV_HEADS * GROUP, HEAD_DIM)
+    logits = BlockKeys.of(cache.fmt, kv).logits(kv, blocks, queries, 0.5)
+    keys = cache.fmt.keys(cache.fmt.read(kv, blocks.flatten())).unflatten(0, (2, 3))
+    expected = 0.5 * torch.einsum("rnhgd,rcthd->rnhgct", queries.unflatten(2, (KV_HEADS, GROUP)),
+                                  keys).flatten(-2)
+    torch.testing.assert_close(logits, expected)
+
+
+def test_block_keys_of_flash_layouts(cache):
+    kv = cache.caches()[1]
+    kv.copy_(torch.randn(kv.shape))
+    blocks = torch.tensor([[3, 7], [5, 11]])
+    queries = torch.randn(2, 1, KV_HEADS * GROUP, HEAD_DIM)
+    logits = BlockKeys.of(cache.fmt, kv).logits(kv, blocks, queries, 0.5)
+    keys = cache.fmt.keys(cache.fmt.read(kv, blocks.flatten())).unflatten(0, (2, 2))
+    expected = 0.5 * torch.einsum("rnhgd,rcthd->rnhgct", queries.unflatten(2, (KV_HEADS, GROUP)),
+                                  keys).flatten(-2)
+    torch.testing.assert_close(logits, expected)
+
+
+def test_masked_block_copies_agree(cache):
+    """The CPU's boolean-indexed copy and the sync-free copy of every pair (padding pairs
+    rewriting block 0 unchanged) leave the same cache."""
+    src = torch.tensor([[4, 9, 0], [12, 0, 0]])
+    dst = torch.tensor([[6, 2, 0], [13, 0, 0]])
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    caches = []
+    for copy in (copy_valid_blocks, copy_all_blocks):
+        kv = cache.caches()[0]
+        kv.copy_(torch.arange(kv.numel(), dtype=kv.dtype).view(kv.shape))
+        before = kv.clone()
+        copy(kv, cache.fmt, src, dst, valid)
+        caches.append(kv)
+    assert torch.equal(caches[0], caches[1])
+    for s, d in ((4, 6), (9, 2), (12, 13)):
+        assert torch.equal(cache.fmt.read(caches[0], torch.tensor([d])),
+                           cache.fmt.read(before, torch.tensor([s])))
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv"])
+def test_scores_of_a_padded_batch_are_the_rows_scores(policy):
+    gen = torch.Generator().manual_seed(0)
+    lengths = [7, 4, 9]
+    rows = []
+    for n in lengths:
+        count = torch.randint(1, 4, (n,), generator=gen).float()
+        count[1] = 1  # equal (zero) deviations
+        total = torch.rand(n, generator=gen) * count
+        squares = total * total / count + torch.rand(n, generator=gen) * (count > 1)
+        pinned = torch.zeros(n, dtype=torch.bool)
+        pinned[[0, n - 1]] = True
+        rows.append(PageAttentionStats(total, squares, count, torch.rand(n, generator=gen),
+                                       pinned, budget_pages=10))
+    width = max(lengths)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.numel()))  # noqa: E731
+    valid = torch.stack([pad(torch.ones(n, dtype=torch.bool)) for n in lengths])
+    batch = PageAttentionStats(*(torch.stack([pad(getattr(r, f)) for r in rows]) for f in
+                                 ("total", "squares", "count", "last", "pinned")),
+                               budget_pages=10, valid=valid)
+    scores = get_policy(policy).score(batch)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        torch.testing.assert_close(scores[i, :n], get_policy(policy).score(row))

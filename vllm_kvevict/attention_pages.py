@@ -17,6 +17,11 @@ Plain torch; vLLM glue (``vllm_kvevict.engine``) only feeds it the batch and the
 Because layers keep different pages, :class:`~vllm_kvevict.pages.RequestPages` records per layer
 which page each owned block holds. Statistics are kept by logical page, so they survive moves.
 
+Each step is planned once on the host (:class:`StatsBatch`: padded tensors, each moved to the
+device once); each layer then observes (one attention-mass pass over every observing query) and
+evicts (one ranking and one masked block copy) for all rows at once, with no host sync; the
+requests' statistics and page tables are written back after the last layer.
+
 Invariants (per request, per layer): between steps every owned block at a full position holds a
 distinct page; sinks and window pages are held at their own positions; with nothing freed nothing
 moves, so under a budget that covers the context the result is the stock computation.
@@ -27,19 +32,21 @@ import dataclasses
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from vllm_kvevict.algorithms.attention_stats import (COUNT, LAST, NUM_STATS, SQUARES, TOTAL,
-                                                     PageAttentionStats, accumulate,
-                                                     page_attention_mass)
-from vllm_kvevict.algorithms.selection import topk_prefer_recent
-from vllm_kvevict.pages import (BlockFormat, HostPageStore, PageStats, RequestPages,
-                                RequestRegistry, RowInput, own_row_blocks)
+                                                     PageAttentionStats, page_mass_from_logits)
+from vllm_kvevict.algorithms.selection import keep_mask
+from vllm_kvevict.pages import (BlockFormat, CPUBlockFormat, FlashBlockFormat, HostPageStore,
+                                PageStats, RequestPages, RequestRegistry, RowInput, key_tiles,
+                                own_row_blocks)
 from vllm_kvevict.paging import PageLayout, cdiv
 
 
 @dataclasses.dataclass
 class ObservedRow:
-    """A row whose statistics are updated, or whose pages are evicted, in this step."""
+    """A row whose statistics are updated, or whose pages are evicted, in this step (host data,
+    what :class:`StatsBatch` stacks)."""
 
     row: int
     state: RequestPages
@@ -48,51 +55,130 @@ class ObservedRow:
     num_tokens: int  # context length after this step
     num_full: int  # full pages after this step
     num_full_cols: int  # owned columns holding full pages (the page being filled excluded)
-    blocks: torch.Tensor  # block id per owned column
-    survivors: torch.Tensor | None  # full columns that stay owned; None: nothing is freed
-    decode_index: int | None = None  # its row in the step's DecodeObservers, if any
+    blocks: list[int]  # block id per owned column
+    survivors: list[int] | None  # full columns that stay owned; None: nothing is freed
 
 
-class DecodeObservers:
-    """The rows that observe one decode query in this step, as padded tensors built once per
-    step: every layer observes them all at once.
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device``: itself on the CPU, else copied from pinned memory without
+    waiting for the stream."""
+    if torch.device(device).type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
-    ``R`` rows, ``C`` the most owned columns, ``P`` the largest statistics capacity. ``held``
-    copies the pages each column holds (page ``P`` in padding columns: its keys are never
-    seen); ``stats`` ``[R, layers, NUM_STATS, P + 1]`` gathers the rows' statistics (column
-    ``P`` absorbs the padding) and is written back after the last layer (:meth:`commit`).
+
+class StatsBatch:
+    """The step's observing and evicting rows as padded tensors, built on the host once per step
+    and moved to the device once; every layer observes and evicts them all at once.
+
+    ``R`` rows, ordered: rows observing one query (decode rows), rows observing a prompt's
+    window (several queries), rows that only evict. ``C`` the most owned columns, ``P`` the
+    largest statistics capacity.
+
+    * ``blocks`` ``[R, C]``: block per owned column (block 0 in padding columns, whose keys are
+      never seen).
+    * ``held`` ``[layers, R, C]``: the page each column holds (page ``P`` in padding columns: its
+      keys lie past every query); updated by the layers' moves.
+    * ``stats`` ``[layers, R, NUM_STATS, P + 1]``: the rows' statistics (column ``P`` absorbs
+      the padding), updated by the layers.
+    * Observing queries: ``single_query`` ``[R_1]`` (the query of each one-query row) and
+      ``window_query`` ``[R_w, Q]`` (each window row's queries, padded with its last one);
+      ``single_cols``/``window_cols`` the columns each group reads. All their real queries in
+      one list (one-query rows', then each window's in order; ``window_rows``/``window_slots``
+      pick them from ``window_query``): ``query_rows`` (their row), ``query_positions``, and
+      ``last_query`` ``[R_1 + R_w]`` (each row's last one).
+    * Evicting rows ``evict_rows`` ``[R_e]``: ``full`` ``[R_e, C]`` (columns holding full
+      pages), ``stays`` (full columns that stay owned), ``num_keep`` (how many stay: the pages
+      kept), ``window_start`` (the first pinned window page); ``max_moves`` bounds the pages a row
+      moves (a kept page in a freed block goes over a page not kept in a block that stays: as
+      many of one as of the other).
+
+    :meth:`commit` writes statistics and page tables back to the requests after the last layer.
     """
 
-    def __init__(self, observers: list[ObservedRow], num_layers: int, device) -> None:
-        rows = len(observers)
-        num_cols = max(len(obs.state.block_ids) for obs in observers)
-        capacity = max(obs.state.attention.shape[2] for obs in observers)
-        self.observers = observers
-        self.queries = torch.tensor([obs.first_query for obs in observers], device=device)
-        self.positions = torch.tensor([obs.num_tokens - 1 for obs in observers], device=device)
-        self.blocks = torch.zeros((rows, num_cols), dtype=torch.int64, device=device)
-        self.held = torch.full((num_layers, rows, num_cols), capacity, dtype=torch.int64,
-                               device=device)
-        self.stats = torch.zeros((rows, num_layers, NUM_STATS, capacity + 1),
-                                 dtype=torch.float32, device=device)
-        for i, obs in enumerate(observers):
-            cols, have = obs.blocks.numel(), obs.state.attention.shape[2]
-            obs.decode_index = i
-            self.blocks[i, :cols] = obs.blocks
-            self.held[:, i, :cols] = obs.state.held.to(device)
-            self.stats[i, :, :, :have] = obs.state.attention
+    def __init__(self, observed: list[ObservedRow], layout: PageLayout, num_layers: int,
+                 device) -> None:
+        single = [obs for obs in observed if obs.num_queries == 1]
+        window = [obs for obs in observed if obs.num_queries > 1]
+        order = single + window + [obs for obs in observed if obs.num_queries == 0]
+        self.rows = order
+        self.num_single, self.num_observing = len(single), len(single) + len(window)
+        rows = len(order)
+        num_cols = max(len(obs.blocks) for obs in order)
+        capacity = max(obs.state.attention.shape[2] for obs in order)
+        blocks = torch.zeros((rows, num_cols), dtype=torch.int64)
+        held = torch.full((num_layers, rows, num_cols), capacity, dtype=torch.int64)
+        for i, obs in enumerate(order):
+            blocks[i, :len(obs.blocks)] = torch.tensor(obs.blocks)
+            held[:, i, :len(obs.blocks)] = obs.state.held
+        self.blocks, self.held = to_device(blocks, device), to_device(held, device)
+        # Statistics live on the device: gathered there (no host copy).
+        self.stats = torch.zeros((num_layers, rows, NUM_STATS, capacity + 1), dtype=torch.float32,
+                                 device=device)
+        for i, obs in enumerate(order):
+            self.stats[:, i, :, :obs.state.attention.shape[2]] = obs.state.attention
+
+        # Observing queries: the one-query rows', then each window row's, in order.
+        width = max((obs.num_queries for obs in window), default=0)
+        window_query = torch.zeros((len(window), width), dtype=torch.int64)
+        window_rows, window_slots, query_rows, query_positions, last_query = [], [], [], [], []
+        for i, obs in enumerate(order[:self.num_observing]):
+            n = obs.num_queries
+            if n > 1:  # a window row: its queries, then its last one again
+                j = i - len(single)
+                window_query[j] = obs.first_query + torch.arange(width).clamp(max=n - 1)
+                window_rows += [j] * n
+                window_slots += range(n)
+            query_rows += [i] * n
+            query_positions += range(obs.num_tokens - n, obs.num_tokens)
+            last_query.append(len(query_rows) - 1)
+        as_tensor = lambda ids: to_device(torch.tensor(ids, dtype=torch.int64),  # noqa: E731
+                                          device)
+        self.single_query = as_tensor([obs.first_query for obs in single])
+        self.window_query = to_device(window_query, device)
+        self.window_rows, self.window_slots = as_tensor(window_rows), as_tensor(window_slots)
+        self.single_cols = max((len(obs.blocks) for obs in single), default=0)
+        self.window_cols = max((len(obs.blocks) for obs in window), default=0)
+        self.query_rows = as_tensor(query_rows)
+        self.query_positions = as_tensor(query_positions)
+        self.last_query = as_tensor(last_query)
+
+        evicting = [(i, obs) for i, obs in enumerate(order) if obs.survivors is not None]
+        self.num_evicting = len(evicting)
+        full = torch.zeros((len(evicting), num_cols), dtype=torch.bool)
+        stays = torch.zeros((len(evicting), num_cols), dtype=torch.bool)
+        window_start = []
+        self.max_moves = 0
+        for i, (_, obs) in enumerate(evicting):
+            full[i, :obs.num_full_cols] = True
+            stays[i, obs.survivors] = True
+            window_full = layout.window_pages - (1 if obs.num_tokens % layout.block_size else 0)
+            window_start.append(obs.num_full - window_full)
+            num_keep = len(obs.survivors)
+            self.max_moves = max(self.max_moves, min(num_keep, obs.num_full_cols - num_keep))
+        self.evict_rows = as_tensor([i for i, _ in evicting])
+        self.full, self.stays = to_device(full, device), to_device(stays, device)
+        self.num_keep = to_device(stays.sum(1), device)
+        self.window_start = as_tensor(window_start)
 
     def commit(self) -> None:
-        for i, obs in enumerate(self.observers):
-            have = obs.state.attention.shape[2]
-            obs.state.attention.copy_(self.stats[i, :, :, :have])
+        """Write the observing rows' statistics (on the device) and the evicting rows' page
+        tables (one device-to-host copy) back to the requests."""
+        for i, obs in enumerate(self.rows[:self.num_observing]):
+            obs.state.attention.copy_(self.stats[:, i, :, :obs.state.attention.shape[2]])
+        if self.num_evicting:
+            held = self.held.cpu()
+            for i, obs in enumerate(self.rows):
+                if obs.survivors is not None:
+                    obs.state.held.copy_(held[:, i, :obs.state.held.shape[1]])
 
 
 @dataclasses.dataclass
 class StatsStepPlan:
+    """What every layer does in one step (built once per step, read by every layer)."""
+
     observed: list[ObservedRow]
-    decode: DecodeObservers | None = None  # rows observing one decode query, batched
-    per_row: list[ObservedRow] = dataclasses.field(default_factory=list)  # the others, evictions
+    batch: StatsBatch | None = None  # the observed rows as tensors (None: no row)
     sparse_seq_lens: dict[int, int] = dataclasses.field(default_factory=dict)  # always empty
 
     @property
@@ -117,6 +203,7 @@ class AttentionStatsRuntime(RequestRegistry):
         self.scale: float | None = None
         self.requests: dict[str, RequestPages] = {}
         self.stats = PageStats()
+        self._keys: BlockKeys | None = None  # how to read keys from the cache, found on first use
 
     @property
     def bound(self) -> bool:
@@ -124,11 +211,15 @@ class AttentionStatsRuntime(RequestRegistry):
 
     def bind(self, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int, scale: float) -> None:
         self.scale = scale
+        self._keys = None  # the format may have changed with the cache
 
     # --- per step ------------------------------------------------------------------------------
 
     def plan_step(self, rows: Sequence[RowInput], device) -> StatsStepPlan:
-        """Update owned blocks and pick the rows that observe or evict in this step."""
+        """Update owned blocks and pick the rows that observe or evict in this step.
+
+        Evicted page copies are counted here, on the host, when their blocks leave
+        (:func:`~vllm_kvevict.pages.own_row_blocks`): the layers count nothing."""
         layout, bs = self.layout, self.layout.block_size
         observed = []
         for i, row in enumerate(rows):
@@ -152,20 +243,13 @@ class AttentionStatsRuntime(RequestRegistry):
             num_full_cols = len(positions) - (1 if seq_len % bs else 0)
             survivors = None
             if frees:
-                survivors = torch.tensor([c for c, p in enumerate(positions[:num_full_cols])
-                                          if p not in after], dtype=torch.int64)
+                survivors = [c for c, p in enumerate(positions[:num_full_cols]) if p not in after]
             observed.append(ObservedRow(
                 row=i, state=state, first_query=row.first_token + row.num_new - num_queries,
                 num_queries=num_queries, num_tokens=seq_len, num_full=seq_len // bs,
-                num_full_cols=num_full_cols,
-                blocks=torch.tensor(blocks, dtype=torch.int64, device=device),
-                survivors=survivors))
-        # Single-query observers (decode steps) are observed together; the others (a prompt's
-        # observation window) and evictions row by row: each happens once per request or page.
-        single = [obs for obs in observed if obs.num_queries == 1]
-        decode = DecodeObservers(single, self.num_layers, device) if single else None
-        per_row = [obs for obs in observed if obs.decode_index is None or obs.survivors is not None]
-        return StatsStepPlan(observed, decode, per_row)
+                num_full_cols=num_full_cols, blocks=blocks, survivors=survivors))
+        batch = StatsBatch(observed, layout, self.num_layers, device) if observed else None
+        return StatsStepPlan(observed, batch)
 
     def _grow(self, state: RequestPages, num_pages: int, device) -> None:
         have = 0 if state.attention is None else state.attention.shape[2]
@@ -185,77 +269,196 @@ class AttentionStatsRuntime(RequestRegistry):
 
     def after_attention(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
                         plan: StatsStepPlan) -> None:
-        """Observe this step's queries (all decode rows at once), then evict where the scheduler
-        will free blocks."""
-        decode = plan.decode
-        if decode is not None:
-            self._observe_decode(layer, query, kv_cache, decode)
-        for obs in plan.per_row:
-            held = obs.state.held[layer]
-            if obs.decode_index is None:
-                stats = obs.state.attention[layer]
-                if obs.num_queries:
-                    self._observe(query, kv_cache, obs, held, stats)
-            else:
-                stats = decode.stats[obs.decode_index, layer]
-            if obs.survivors is not None:
-                self._evict(kv_cache, obs, held, stats)
-        if decode is not None and layer == self.num_layers - 1:
-            decode.commit()
-
-    def _observe_decode(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
-                        decode: DecodeObservers) -> None:
-        bs = self.layout.block_size
-        held = decode.held[layer]  # [R, C]
-        rows, cols = held.shape
-        pages = self.format.read(kv_cache, decode.blocks.flatten())
-        keys = self.format.keys(pages).unflatten(0, (rows, cols))  # [R, C, bs, kv, d]
-        key_positions = held.unsqueeze(-1) * bs + torch.arange(bs, device=held.device)
-        mass = page_attention_mass(query[decode.queries].unsqueeze(1), keys, key_positions,
-                                   decode.positions.unsqueeze(1), self.scale)[:, 0]  # [R, C]
-        seen = (key_positions[..., 0] <= decode.positions.unsqueeze(1)).float()
-        stats = decode.stats[:, layer]  # [R, NUM_STATS, P + 1]
-        stats[:, TOTAL].scatter_add_(1, held, mass)
-        stats[:, SQUARES].scatter_add_(1, held, mass * mass)
-        stats[:, COUNT].scatter_add_(1, held, seen)
-        stats[:, LAST].scatter_(1, held, mass)
-
-    def _observe(self, query, kv_cache, obs: ObservedRow, held, stats) -> None:
-        bs = self.layout.block_size
-        keys = self.format.keys(self.format.read(kv_cache, obs.blocks))
-        key_positions = held.unsqueeze(1) * bs + torch.arange(bs)
-        query_positions = torch.arange(obs.num_tokens - obs.num_queries, obs.num_tokens)
-        queries = query[obs.first_query:obs.first_query + obs.num_queries]
-        mass = page_attention_mass(queries, keys, key_positions.to(keys.device),
-                                   query_positions.to(keys.device), self.scale)
-        seen = key_positions[:, 0].unsqueeze(0) <= query_positions.unsqueeze(1)
-        accumulate(stats, held, mass, seen)
-
-    def _evict(self, kv_cache, obs: ObservedRow, held, stats) -> None:
-        layout = self.layout
-        cols = obs.num_full_cols
-        pages = held[:cols]
-        partial = obs.num_tokens % layout.block_size != 0
-        window_full = layout.window_pages - (1 if partial else 0)
-        pinned = (pages < layout.sink_pages) | (pages >= obs.num_full - window_full)
-        view = PageAttentionStats(
-            total=stats[0, pages], squares=stats[1, pages], count=stats[2, pages],
-            last=stats[3, pages], pinned=pinned.to(stats.device), budget_pages=layout.budget_pages)
-        scores = self.policy.score(view).float().cpu().masked_fill(pinned, float("inf"))
-        num_kept = obs.survivors.numel()  # the budget's full pages
-        by_page = torch.argsort(pages)
-        kept = torch.zeros(cols, dtype=torch.bool)
-        kept[by_page[topk_prefer_recent(scores[by_page], num_kept)]] = True
-        stays = torch.zeros(cols, dtype=torch.bool)
-        stays[obs.survivors] = True
-        sources = (kept & ~stays).nonzero().squeeze(1)
-        if not sources.numel():
+        """Observe this step's queries, then evict where the scheduler will free blocks: each for
+        all rows at once, with no host sync."""
+        batch = plan.batch
+        if batch is None:
             return
-        free = (stays & ~kept).nonzero().squeeze(1)
-        victims = free[torch.argsort(scores[free], stable=True)][:sources.numel()]
-        if victims.numel() < sources.numel():
-            raise RuntimeError("vllm-kvevict: fewer surviving blocks than kept pages")
-        device = obs.blocks.device
-        moved = self.format.read(kv_cache, obs.blocks[sources.to(device)])
-        self.format.write(kv_cache, obs.blocks[victims.to(device)], moved)
-        held[victims] = held[sources]
+        if batch.num_observing:
+            self._observe(layer, query, kv_cache, batch)
+        if batch.num_evicting:
+            self._evict(layer, kv_cache, batch)
+        if layer == self.num_layers - 1:
+            batch.commit()
+
+    def _observe(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
+                 batch: StatsBatch) -> None:
+        """One attention-mass pass over every observing query of the step (each row's keys read
+        once per group: one-query rows, window rows), then one statistics update."""
+        bs = self.layout.block_size
+        if self._keys is None:
+            self._keys = BlockKeys.of(self.format, kv_cache)
+        rows, single = batch.num_observing, batch.num_single
+        logits = []  # [queries, kv, g, cols * bs] per group, scaled, in the cache's dtype
+        if single:
+            blocks = batch.blocks[:single, :batch.single_cols]
+            queries = query[batch.single_query].unsqueeze(1)
+            logits.append(self._keys.logits(kv_cache, blocks, queries, self.scale)[:, 0])
+        if rows > single:
+            blocks = batch.blocks[single:rows, :batch.window_cols]
+            window = self._keys.logits(kv_cache, blocks, query[batch.window_query], self.scale)
+            logits.append(window[batch.window_rows, batch.window_slots])  # the real queries
+        num_cols = max(batch.single_cols, batch.window_cols)
+        if len(logits) > 1:  # padding keys: their positions lie past every query
+            logits = torch.cat([nn.functional.pad(group, (0, num_cols * bs - group.shape[-1]))
+                                for group in logits])
+        else:
+            logits = logits[0]
+        held = batch.held[layer, :rows, :num_cols]  # [R, C]
+        key_positions = held.unsqueeze(-1) * bs + torch.arange(bs, device=held.device)
+        if rows > single:  # window rows: one entry per query
+            key_positions = key_positions.index_select(0, batch.query_rows)  # [queries, C, bs]
+        positions = batch.query_positions.unsqueeze(1)
+        mass = page_mass_from_logits(logits.unsqueeze(1), key_positions, positions)[:, 0]
+        seen = (key_positions[:, :, 0] <= positions).float()
+        added = torch.stack([mass, mass * mass, seen], 1)  # TOTAL, SQUARES, COUNT: rows 0..2
+        last = mass
+        if rows > single:  # sums over each row's queries; its last query's mass
+            added = torch.zeros((rows, 3, num_cols), dtype=mass.dtype,
+                                device=mass.device).index_add_(0, batch.query_rows, added)
+            last = mass.index_select(0, batch.last_query)
+        stats = batch.stats[layer, :rows]  # [R, NUM_STATS, P + 1]
+        stats[:, TOTAL:COUNT + 1].scatter_add_(2, held.unsqueeze(1).expand(-1, 3, -1), added)
+        stats[:, LAST].scatter_(1, held, last)
+
+    def _evict(self, layer: int, kv_cache: torch.Tensor, batch: StatsBatch) -> None:
+        """Keep each row's sinks, window and best-scored full pages (as many as its blocks that
+        stay); move the kept pages of freed blocks, in column order, over the lowest-scored pages
+        not kept in blocks that stay."""
+        layout = self.layout
+        rows = batch.evict_rows
+        held = batch.held[layer].index_select(0, rows)  # [R, C]
+        full, stays = batch.full, batch.stays
+        pinned = full & ((held < layout.sink_pages) | (held >= batch.window_start.unsqueeze(1)))
+        stats = batch.stats[layer].index_select(0, rows).gather(
+            2, held.unsqueeze(1).expand(-1, NUM_STATS, -1))
+        view = PageAttentionStats(
+            total=stats[:, TOTAL], squares=stats[:, SQUARES], count=stats[:, COUNT],
+            last=stats[:, LAST], pinned=pinned, budget_pages=layout.budget_pages, valid=full)
+        scores = self.policy.score(view).float().masked_fill(pinned, float("inf"))
+        # Rank in page order (padding first, so last once flipped): the more recent page wins.
+        by_page = torch.argsort(held.masked_fill(~full, -1), dim=1, stable=True)
+        kept = torch.zeros_like(full).scatter_(1, by_page, keep_mask(
+            scores.gather(1, by_page), full.gather(1, by_page), pinned.gather(1, by_page),
+            batch.num_keep))
+        width = batch.max_moves
+        if not width:
+            return
+        # Kept pages in freed blocks, in column order; as many pages not kept in blocks that
+        # stay, lowest score first (the earlier column among equals).
+        sources = kept & ~stays
+        src = torch.argsort((~sources).to(torch.uint8), dim=1, stable=True)[:, :width]
+        by_score = torch.argsort(scores, dim=1, stable=True)
+        not_free = (~(stays & ~kept)).to(torch.uint8).gather(1, by_score)
+        dst = by_score.gather(1, torch.argsort(not_free, dim=1, stable=True))[:, :width]
+        valid = torch.arange(width, device=held.device) < sources.sum(1, keepdim=True)
+        blocks = batch.blocks.index_select(0, rows)
+        copy_blocks(kv_cache, self.format, blocks.gather(1, src), blocks.gather(1, dst), valid)
+        # Destination columns of a row are distinct: invalid pairs rewrite their own page.
+        held.scatter_(1, dst, torch.where(valid, held.gather(1, src), held.gather(1, dst)))
+        batch.held[layer].index_copy_(0, rows, held)
+
+
+def copy_blocks(kv_cache: torch.Tensor, block_format: BlockFormat, src: torch.Tensor,
+                dst: torch.Tensor, valid: torch.Tensor) -> None:
+    """Copy block ``src[i, j]`` over block ``dst[i, j]`` where ``valid[i, j]`` (``[R, W]``
+    each), without a host sync.
+
+    Valid destinations are distinct, and no valid source is a valid destination. On the CPU the
+    valid pairs are picked by boolean indexing (no device to wait for); elsewhere every pair is
+    copied, the invalid ones rewriting their destination's own content (a masked copy kernel
+    would do less)."""
+    if kv_cache.device.type == "cpu":
+        copy_valid_blocks(kv_cache, block_format, src, dst, valid)
+    else:
+        copy_all_blocks(kv_cache, block_format, src, dst, valid)
+
+
+def copy_valid_blocks(kv_cache, block_format, src, dst, valid) -> None:
+    """:func:`copy_blocks` by boolean indexing (a host sync on a GPU)."""
+    block_format.write(kv_cache, dst[valid], block_format.read(kv_cache, src[valid]))
+
+
+def copy_all_blocks(kv_cache, block_format, src, dst, valid) -> None:
+    """:func:`copy_blocks` over every pair: an invalid pair copies its destination onto itself.
+    Destinations repeat only in padding (block 0 in padding columns, rewritten unchanged)."""
+    src = torch.where(valid, src, dst).flatten()
+    block_format.write(kv_cache, dst.flatten(), block_format.read(kv_cache, src))
+
+
+_WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # integer words by size in bytes
+
+
+class BlockKeys:
+    """Products ``q . k`` of queries with the keys of blocks, read from the cache as stored.
+
+    The keys of each (block, head) are gathered in one pass straight into row-major
+    ``[block_size, head_dim]`` order, rows' blocks grouped by head, so that one matrix product
+    per row and head covers all the row's keys. A tiled layout (the CPU kernels store a block's
+    keys as ``[block_size / tile_t, head_dim / tile_d, tile_t, tile_d]``; row-major is tiles
+    ``(1, head_dim)``) is read through a strided view, each tile's run of ``tile_d`` channels
+    moved as one integer word. Products are taken in the cache's dtype (float32 softmax
+    follows); no float copy of the keys is made.
+
+    ``tiles`` None: keys are read through the block format (a gather of whole pages).
+    """
+
+    def __init__(self, block_format: BlockFormat, tiles: tuple[int, int] | None):
+        self.format = block_format
+        self.tiles = tiles
+
+    @classmethod
+    def of(cls, block_format: BlockFormat, kv_cache: torch.Tensor) -> "BlockKeys":
+        _, _, block_size, two_d = kv_cache.shape
+        head_dim = two_d // 2
+        tiles = None
+        if isinstance(block_format, FlashBlockFormat):
+            tiles = (1, head_dim)
+        elif isinstance(block_format, CPUBlockFormat) and kv_cache.is_contiguous():
+            key_index = block_format.key_index
+            tiles = (1, head_dim) if key_index is None else key_tiles(key_index, block_size,
+                                                                       head_dim)
+        return cls(block_format, tiles)
+
+    def gather(self, kv_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """``[R, kv_heads, C * block_size, head_dim]`` keys of ``blocks`` ``[R, C]``,
+        row-major."""
+        num_blocks, kv_heads, block_size, two_d = kv_cache.shape
+        head_dim = two_d // 2
+        rows, num_cols = blocks.shape
+        if self.tiles is None:
+            keys = self.format.keys(self.format.read(kv_cache, blocks.flatten()))  # [n, bs, kv, d]
+            keys = keys.unflatten(0, (rows, num_cols)).permute(0, 3, 1, 2, 4)
+            return keys.reshape(rows, kv_heads, num_cols * block_size, head_dim)
+        heads = torch.arange(kv_heads, device=blocks.device)
+        if isinstance(self.format, FlashBlockFormat):  # token-major keys, any strides
+            keys = kv_cache[..., :head_dim][blocks.unsqueeze(1), heads[:, None]]  # [R, kv, C, ...]
+            return keys.reshape(rows, kv_heads, num_cols * block_size, head_dim)
+        # The CPU layout: per (block, head), the keys (in tiles), then the values. One index over
+        # the (block, head) pairs in [R, kv, C] order gathers a row's keys of a head together.
+        tile_t, tile_d = self.tiles
+        pairs = (blocks.unsqueeze(1) * kv_heads + heads[:, None]).flatten()
+        raw = kv_cache.view(num_blocks * kv_heads, block_size * two_d)[:, :block_size * head_dim]
+        word = _WORDS.get(tile_d * raw.element_size())
+        if word is not None and tile_d > 1:
+            raw, tile_d = raw.view(word), 1
+        tiles = raw.unflatten(1, (block_size // tile_t, head_dim // self.tiles[1], tile_t, tile_d))
+        keys = tiles.transpose(2, 3).index_select(0, pairs)  # row-major, contiguous
+        return keys.view(kv_cache.dtype).view(rows, kv_heads, num_cols * block_size, head_dim)
+
+    def logits(self, kv_cache: torch.Tensor, blocks: torch.Tensor, queries: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """``[R, n, kv_heads, group, C * block_size]`` products ``scale * q . k`` of ``queries``
+        ``[R, n, q_heads, head_dim]`` with the keys of each row's blocks ``[R, C]``, in column
+        order, in the cache's dtype."""
+        rows, n, _, head_dim = queries.shape
+        kv_heads = kv_cache.shape[1]
+        keys = self.gather(kv_cache, blocks).flatten(0, 1)  # [R * kv, C * bs, d]
+        q = (queries * scale).to(keys.dtype).unflatten(2, (kv_heads, -1)).transpose(1, 2)
+        group = q.shape[3]
+        q = q.reshape(rows * kv_heads, n * group, head_dim)  # [R * kv, n * g, d]
+        if n * group < head_dim:  # thin: keys on the left run faster, then a small transpose
+            out = torch.bmm(keys, q.transpose(1, 2))  # [R * kv, C * bs, n * g]
+            return out.view(rows, kv_heads, -1, n, group).permute(0, 3, 1, 4, 2).contiguous()
+        out = torch.bmm(q, keys.transpose(1, 2))  # [R * kv, n * g, C * bs]
+        return out.view(rows, kv_heads, n, group, -1).transpose(1, 2)

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-# Rows of a statistics tensor ``[NUM_STATS, num_pages]``.
+# Rows of a statistics tensor ``[NUM_STATS, num_pages]`` (the sums first, in this order).
 TOTAL, SQUARES, COUNT, LAST = range(4)
 NUM_STATS = 4
 
@@ -37,17 +37,26 @@ def page_attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_positions
     Returns:
         ``[..., n, pages]`` float32; each row sums to 1 over the pages the query sees.
     """
-    num_q_heads, head_dim = queries.shape[-2:]
-    num_pages, page_size, num_kv_heads, _ = keys.shape[-4:]
-    group = num_q_heads // num_kv_heads
-    q = queries.float().unflatten(-2, (num_kv_heads, group))          # [..., n, kv, g, d]
+    num_kv_heads = keys.shape[-2]
+    q = queries.float().unflatten(-2, (num_kv_heads, -1))             # [..., n, kv, g, d]
     k = keys.float().flatten(-4, -3)                                   # [..., t, kv, d]
     logits = torch.einsum("...nhgd,...thd->...nhgt", q, k) * scale
+    return page_mass_from_logits(logits, key_positions, query_positions)
+
+
+def page_mass_from_logits(logits: torch.Tensor, key_positions: torch.Tensor,
+                          query_positions: torch.Tensor) -> torch.Tensor:
+    """:func:`page_attention_mass` from the scaled products ``scale * q . k``: ``logits``
+    ``[..., n, num_kv_heads, group, pages * page_size]``, keys in page order, in any float
+    dtype (the softmax is taken in float32). Returns ``[..., n, pages]`` float32."""
+    num_pages, page_size = key_positions.shape[-2:]
     seen = (key_positions.flatten(-2).to(query_positions.device).unsqueeze(-2)
             <= query_positions.unsqueeze(-1))                          # [..., n, t]
     logits = logits.masked_fill(~seen[..., :, None, None, :], float("-inf"))
-    probs = logits.softmax(-1).mean(-2)  # GQA: mean over the group's query heads
-    return probs.unflatten(-1, (num_pages, page_size)).sum(-1).mean(-2)
+    probs = logits.softmax(-1, dtype=torch.float32).unflatten(-1, (num_pages, page_size))
+    # Tokens to pages, in one pass with the mean over the group's query heads (GQA); then the
+    # mean over KV heads.
+    return probs.sum((-3, -1)).div_(probs.shape[-3]).mean(-2)
 
 
 def accumulate(stats: torch.Tensor, pages: torch.Tensor, mass: torch.Tensor,
@@ -71,8 +80,9 @@ def accumulate(stats: torch.Tensor, pages: torch.Tensor, mass: torch.Tensor,
 
 @dataclasses.dataclass(frozen=True)
 class PageAttentionStats:
-    """The statistics of a request's full pages in one layer (``[num_pages]`` each) and the
-    context a scoring rule may need."""
+    """The statistics of a request's full pages in one layer (``[num_pages]`` each), or of a
+    batch of requests (``[rows, num_pages]``, padded), and the context a scoring rule may need.
+    Scores are elementwise except where a rule ranks pages, along the last dimension."""
 
     total: torch.Tensor  # sum of masses over the queries seen so far
     squares: torch.Tensor  # sum of squared masses
@@ -80,6 +90,7 @@ class PageAttentionStats:
     last: torch.Tensor  # mass from the latest query
     pinned: torch.Tensor  # bool: sinks and window, always kept
     budget_pages: int
+    valid: torch.Tensor | None = None  # bool, False for padding (None: every page is real)
 
     @classmethod
     def from_tensor(cls, stats: torch.Tensor, num_pages: int, pinned: torch.Tensor,

@@ -2,8 +2,9 @@
 
 Per page: mean attention ``mu = A / C`` and its standard deviation ``sigma`` over the queries
 that saw the page. The ``int(std_ratio * budget)`` pages with the largest ``sigma`` (pinned
-sinks and window count among them, their ``sigma`` being infinite) are outside the eviction
-scope; inside it, pages are kept by ``mu``. Evicted pages never return.
+sinks and window count among them, their ``sigma`` being infinite; among equal ``sigma`` the
+earlier candidate) are outside the eviction scope; inside it, pages are kept by ``mu``. Evicted
+pages never return.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ class RoCo(AttentionStatsPolicy):
 
     def score(self, stats: PageAttentionStats) -> torch.Tensor:
         sigma = stats.std.masked_fill(stats.pinned, float("inf"))
-        protected = min(int(self.std_ratio * stats.budget_pages), sigma.numel())
-        score = stats.mean.clone()
-        score[sigma.topk(protected).indices] = float("inf")
-        return score
+        if stats.valid is not None:  # a padded batch: padding goes last
+            sigma = sigma.masked_fill(~stats.valid, float("-inf"))
+        protected = min(int(self.std_ratio * stats.budget_pages), sigma.shape[-1])
+        # The largest deviations along the last dimension, the earlier entry first among equals.
+        scope = torch.argsort(sigma, dim=-1, descending=True, stable=True)[..., :protected]
+        return stats.mean.scatter(-1, scope, float("inf"))
