@@ -8,8 +8,7 @@ from tests.test_pages import cache  # noqa: F401  (the fixture)
 from vllm_kvevict.algorithms.attention_stats import (PageAttentionStats, accumulate,
                                                      page_attention_mass)
 from vllm_kvevict.algorithms.selection import topk_prefer_recent
-from vllm_kvevict.attention_pages import (AttentionStatsRuntime, BlockKeys, copy_all_blocks,
-                                          copy_valid_blocks)
+from vllm_kvevict.attention_pages import AttentionStatsRuntime, BlockKeys
 from vllm_kvevict.pages import CPUBlockFormat
 from vllm_kvevict.paging import PageLayout
 from vllm_kvevict.policies import get_policy
@@ -266,25 +265,6 @@ def test_block_keys_of_flash_layouts(cache):
     torch.testing.assert_close(logits, expected)
 
 
-def test_masked_block_copies_agree(cache):
-    """The CPU's boolean-indexed copy and the sync-free copy of every pair (padding pairs
-    rewriting block 0 unchanged) leave the same cache."""
-    src = torch.tensor([[4, 9, 0], [12, 0, 0]])
-    dst = torch.tensor([[6, 2, 0], [13, 0, 0]])
-    valid = torch.tensor([[True, True, False], [True, False, False]])
-    caches = []
-    for copy in (copy_valid_blocks, copy_all_blocks):
-        kv = cache.caches()[0]
-        kv.copy_(torch.arange(kv.numel(), dtype=kv.dtype).view(kv.shape))
-        before = kv.clone()
-        copy(kv, cache.fmt, src, dst, valid)
-        caches.append(kv)
-    assert torch.equal(caches[0], caches[1])
-    for s, d in ((4, 6), (9, 2), (12, 13)):
-        assert torch.equal(cache.fmt.read(caches[0], torch.tensor([d])),
-                           cache.fmt.read(before, torch.tensor([s])))
-
-
 @pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv"])
 def test_scores_of_a_padded_batch_are_the_rows_scores(policy):
     gen = torch.Generator().manual_seed(0)
@@ -308,3 +288,42 @@ def test_scores_of_a_padded_batch_are_the_rows_scores(policy):
     scores = get_policy(policy).score(batch)
     for i, (row, n) in enumerate(zip(rows, lengths)):
         torch.testing.assert_close(scores[i, :n], get_policy(policy).score(row))
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
+def test_no_host_sync_per_layer_on_the_cuda_path(policy, monkeypatch):
+    """Observation and eviction in every layer make no host sync (CUDA's masked page copy,
+    interpreted here); a step makes at most one, the evicting rows' page tables copied back after
+    the last layer."""
+    from tests.host_syncs import HostSyncCounter
+    from vllm_kvevict.pages.ops import TritonPageOps
+
+    cache = CACHES["flash-LBNHC"]
+    runtime = AttentionStatsRuntime(LAYOUT, get_policy(policy), cache.fmt, LAYERS, 4,
+                                    ops=TritonPageOps())
+    runtime.bind(None, 1, HEAD_DIM, HEAD_DIM ** -0.5)
+    eng = FakeEngine(layout=LAYOUT, runtime=runtime, cache=cache)
+    counter = HostSyncCounter()
+    calls = []
+
+    def counted(layer, *args):
+        counter.take()
+        observe_and_evict(layer, *args)
+        calls.append((layer, counter.take()))
+
+    observe_and_evict = runtime.after_attention
+    monkeypatch.setattr(runtime, "after_attention", counted)
+    prompts = {"a": 10 * BS, "b": 7 * BS + 2}
+    evicting_steps = 0
+    with counter.install(monkeypatch):
+        plan, _ = eng.step(dict(prompts), prompts, {"a": 2, "b": 5})
+        for step in range(2 * BS + 3):
+            calls_before = len(calls)
+            plan, _ = eng.step({"a": 1, "b": 1}, prompts, {"a": 2 + step % 3, "b": 4})
+            evicts = plan.batch is not None and plan.batch.num_evicting > 0
+            evicting_steps += evicts
+            last = [events for layer, events in calls[calls_before:] if layer == LAYERS - 1]
+            assert last == [["cpu"] if evicts else []]
+    assert evicting_steps >= 2
+    assert all(events == [] for layer, events in calls if layer < LAYERS - 1), calls
+    assert runtime.stats.evicted > 0

@@ -40,6 +40,7 @@ from vllm_kvevict.algorithms.selection import keep_mask
 from vllm_kvevict.pages import (BlockFormat, CPUBlockFormat, FlashBlockFormat, HostPageStore,
                                 PageStats, RequestPages, RequestRegistry, RowInput, key_tiles,
                                 own_row_blocks)
+from vllm_kvevict.pages.ops import PageOps, page_ops_for
 from vllm_kvevict.paging import PageLayout, cdiv
 
 
@@ -193,7 +194,7 @@ class AttentionStatsRuntime(RequestRegistry):
     sparse_attention = False
 
     def __init__(self, layout: PageLayout, policy, block_format: BlockFormat, num_layers: int,
-                 observation_window: int):
+                 observation_window: int, ops: PageOps | None = None):
         self.layout = layout
         self.policy = policy
         self.format = block_format
@@ -204,6 +205,7 @@ class AttentionStatsRuntime(RequestRegistry):
         self.requests: dict[str, RequestPages] = {}
         self.stats = PageStats()
         self._keys: BlockKeys | None = None  # how to read keys from the cache, found on first use
+        self.ops = ops  # page copies (masked, no host sync off the CPU); chosen at the first plan
 
     @property
     def bound(self) -> bool:
@@ -221,6 +223,8 @@ class AttentionStatsRuntime(RequestRegistry):
         Evicted page copies are counted here, on the host, when their blocks leave
         (:func:`~vllm_kvevict.pages.own_row_blocks`): the layers count nothing."""
         layout, bs = self.layout, self.layout.block_size
+        if self.ops is None:
+            self.ops = page_ops_for(device)
         observed = []
         for i, row in enumerate(rows):
             state = self._state_for(row)
@@ -353,37 +357,11 @@ class AttentionStatsRuntime(RequestRegistry):
         dst = by_score.gather(1, torch.argsort(not_free, dim=1, stable=True))[:, :width]
         valid = torch.arange(width, device=held.device) < sources.sum(1, keepdim=True)
         blocks = batch.blocks.index_select(0, rows)
-        copy_blocks(kv_cache, self.format, blocks.gather(1, src), blocks.gather(1, dst), valid)
+        self.ops.copy_pages(kv_cache, blocks.gather(1, src), kv_cache, blocks.gather(1, dst),
+                            valid)
         # Destination columns of a row are distinct: invalid pairs rewrite their own page.
         held.scatter_(1, dst, torch.where(valid, held.gather(1, src), held.gather(1, dst)))
         batch.held[layer].index_copy_(0, rows, held)
-
-
-def copy_blocks(kv_cache: torch.Tensor, block_format: BlockFormat, src: torch.Tensor,
-                dst: torch.Tensor, valid: torch.Tensor) -> None:
-    """Copy block ``src[i, j]`` over block ``dst[i, j]`` where ``valid[i, j]`` (``[R, W]``
-    each), without a host sync.
-
-    Valid destinations are distinct, and no valid source is a valid destination. On the CPU the
-    valid pairs are picked by boolean indexing (no device to wait for); elsewhere every pair is
-    copied, the invalid ones rewriting their destination's own content (a masked copy kernel
-    would do less)."""
-    if kv_cache.device.type == "cpu":
-        copy_valid_blocks(kv_cache, block_format, src, dst, valid)
-    else:
-        copy_all_blocks(kv_cache, block_format, src, dst, valid)
-
-
-def copy_valid_blocks(kv_cache, block_format, src, dst, valid) -> None:
-    """:func:`copy_blocks` by boolean indexing (a host sync on a GPU)."""
-    block_format.write(kv_cache, dst[valid], block_format.read(kv_cache, src[valid]))
-
-
-def copy_all_blocks(kv_cache, block_format, src, dst, valid) -> None:
-    """:func:`copy_blocks` over every pair: an invalid pair copies its destination onto itself.
-    Destinations repeat only in padding (block 0 in padding columns, rewritten unchanged)."""
-    src = torch.where(valid, src, dst).flatten()
-    block_format.write(kv_cache, dst.flatten(), block_format.read(kv_cache, src))
 
 
 _WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # integer words by size in bytes
