@@ -1,10 +1,11 @@
-"""The page runtime's per-layer tensor work behind one interface: torch or Triton.
+"""The page runtime's per-layer work behind one interface: torch, compiled CPU code, Triton.
 
-:class:`PageOps` (torch) runs on any device and is what CPU workers use; :class:`TritonPageOps`
-implements the same calls with the kernels of :mod:`vllm_kvevict.kernels` and is what CUDA
-workers use. Neither synchronises with the host except where :attr:`PageOps.host_sync_free` says
-a sync is free (CPU), where the torch calls may skip work that turns out empty. Tests run the
-Triton one through Triton's interpreter on CPU tensors and compare it with the torch one.
+:class:`PageOps` (torch) runs on any device and is the reference. :class:`CompiledCPUPageOps`
+(CPU workers) does each layer's work as one compiled call for all rows
+(:mod:`vllm_kvevict.kernels.cpu`); :class:`TritonPageOps` (CUDA workers) uses the Triton kernels
+of :mod:`vllm_kvevict.kernels`. None synchronises with the host except where
+:attr:`PageOps.host_sync_free` says a sync is free (CPU), where empty work may be skipped. Tests
+compare each with the torch one through the runtime (Triton through its interpreter on CPU).
 """
 from __future__ import annotations
 
