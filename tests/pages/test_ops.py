@@ -185,3 +185,34 @@ def test_compiled_backup_matches_torch(layout, dtype, kind):
     torch.testing.assert_close(compiled_digests, torch_digests)
     assert torch.equal(compiled_host, torch_host)
     assert compiled_digests[slots].abs().sum() > 0
+
+
+def test_plans_travel_to_the_device_as_one_tensor():
+    """The CUDA branch of ``to_device`` (pinning and the copy need a GPU): what it packs comes
+    back with every shape, dtype and value."""
+    from vllm_kvevict.pages.plan import pack, unpack
+
+    tensors = {"ids": torch.arange(6).view(2, 3), "mask": torch.tensor([[True, False]]),
+               "empty": torch.zeros((0, 4), dtype=torch.int64), "held": torch.full((2, 1, 2), 7)}
+    flat = pack(tensors)
+    assert flat.dim() == 1 and flat.dtype == torch.int64
+    for name, t in unpack(flat, tensors).items():
+        assert t.dtype == tensors[name].dtype and torch.equal(t, tensors[name])
+
+
+def test_host_store_is_addressed_through_vllms_device_view(monkeypatch):
+    """On CUDA the kernels read and write the pinned host store in place, through vLLM's
+    unified-addressing view (the view itself needs a GPU; here it is recorded)."""
+    import vllm.utils.torch_utils
+
+    from vllm_kvevict.kernels.transfer import host_view
+
+    seen = []
+    monkeypatch.setattr(vllm.utils.torch_utils, "get_accelerator_view_from_cpu_tensor",
+                        lambda t: seen.append(t) or "device view")
+    host = torch.zeros(3, 2)
+    assert host_view(host, torch.device("cuda")) == "device view" and seen == [host]
+    assert host_view(host, torch.device("cpu")) is host
+    ops = TritonPageOps()
+    assert ops._view(host, torch.device("cuda")) == "device view"
+    assert ops._view(host, torch.device("cuda")) == "device view" and len(seen) == 2  # cached

@@ -13,15 +13,24 @@ def to_device(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tenso
     device = torch.device(device)
     if device.type == "cpu":
         return tensors
-    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors.values()])
+    flat = pack(tensors)
     if device.type == "cuda":
         flat = flat.pin_memory()
-    flat = flat.to(device, non_blocking=True)
-    moved, at = {}, 0
-    for name, t in tensors.items():
-        moved[name] = flat[at:at + t.numel()].view(t.shape).to(t.dtype)
+    return unpack(flat.to(device, non_blocking=True), tensors)
+
+
+def pack(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Integer or boolean tensors as one flat int64 tensor (see :func:`unpack`)."""
+    return torch.cat([t.reshape(-1).to(torch.int64) for t in tensors.values()])
+
+
+def unpack(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors :func:`pack` joined into ``flat``, with the shapes and dtypes of ``like``."""
+    unpacked, at = {}, 0
+    for name, t in like.items():
+        unpacked[name] = flat[at:at + t.numel()].view(t.shape).to(t.dtype)
         at += t.numel()
-    return moved
+    return unpacked
 
 
 @dataclasses.dataclass
