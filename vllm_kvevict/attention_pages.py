@@ -41,6 +41,7 @@ from vllm_kvevict.pages import (BlockFormat, CPUBlockFormat, FlashBlockFormat, H
                                 PageStats, RequestPages, RequestRegistry, RowInput, key_tiles,
                                 own_row_blocks)
 from vllm_kvevict.pages.ops import PageOps, page_ops_for
+from vllm_kvevict.pages.plan import to_device
 from vllm_kvevict.paging import PageLayout, cdiv
 
 
@@ -58,14 +59,6 @@ class ObservedRow:
     num_full_cols: int  # owned columns holding full pages (the page being filled excluded)
     blocks: list[int]  # block id per owned column
     survivors: list[int] | None  # full columns that stay owned; None: nothing is freed
-
-
-def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on ``device``: itself on the CPU, else copied from pinned memory without
-    waiting for the stream."""
-    if torch.device(device).type == "cpu":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class StatsBatch:
@@ -112,7 +105,7 @@ class StatsBatch:
         for i, obs in enumerate(order):
             blocks[i, :len(obs.blocks)] = torch.tensor(obs.blocks)
             held[:, i, :len(obs.blocks)] = obs.state.held
-        self.blocks, self.held = to_device(blocks, device), to_device(held, device)
+        host = {"blocks": blocks, "held": held}  # moved to the device in one copy, below
         # Statistics live on the device: gathered there (no host copy).
         self.stats = torch.zeros((num_layers, rows, NUM_STATS, capacity + 1), dtype=torch.float32,
                                  device=device)
@@ -133,16 +126,14 @@ class StatsBatch:
             query_rows += [i] * n
             query_positions += range(obs.num_tokens - n, obs.num_tokens)
             last_query.append(len(query_rows) - 1)
-        as_tensor = lambda ids: to_device(torch.tensor(ids, dtype=torch.int64),  # noqa: E731
-                                          device)
-        self.single_query = as_tensor([obs.first_query for obs in single])
-        self.window_query = to_device(window_query, device)
-        self.window_rows, self.window_slots = as_tensor(window_rows), as_tensor(window_slots)
+        as_tensor = lambda ids: torch.tensor(ids, dtype=torch.int64)  # noqa: E731
+        host.update(single_query=as_tensor([obs.first_query for obs in single]),
+                    window_query=window_query, window_rows=as_tensor(window_rows),
+                    window_slots=as_tensor(window_slots))
         self.single_cols = max((len(obs.blocks) for obs in single), default=0)
         self.window_cols = max((len(obs.blocks) for obs in window), default=0)
-        self.query_rows = as_tensor(query_rows)
-        self.query_positions = as_tensor(query_positions)
-        self.last_query = as_tensor(last_query)
+        host.update(query_rows=as_tensor(query_rows), query_positions=as_tensor(query_positions),
+                    last_query=as_tensor(last_query))
 
         evicting = [(i, obs) for i, obs in enumerate(order) if obs.survivors is not None]
         self.num_evicting = len(evicting)
@@ -157,10 +148,16 @@ class StatsBatch:
             window_start.append(obs.num_full - window_full)
             num_keep = len(obs.survivors)
             self.max_moves = max(self.max_moves, min(num_keep, obs.num_full_cols - num_keep))
-        self.evict_rows = as_tensor([i for i, _ in evicting])
-        self.full, self.stays = to_device(full, device), to_device(stays, device)
-        self.num_keep = to_device(stays.sum(1), device)
-        self.window_start = as_tensor(window_start)
+        host.update(evict_rows=as_tensor([i for i, _ in evicting]), full=full, stays=stays,
+                    num_keep=stays.sum(1), window_start=as_tensor(window_start))
+        moved = to_device(host, device)
+        self.blocks, self.held = moved["blocks"], moved["held"]
+        self.single_query, self.window_query = moved["single_query"], moved["window_query"]
+        self.window_rows, self.window_slots = moved["window_rows"], moved["window_slots"]
+        self.query_rows, self.query_positions = moved["query_rows"], moved["query_positions"]
+        self.last_query, self.evict_rows = moved["last_query"], moved["evict_rows"]
+        self.full, self.stays, self.num_keep = moved["full"], moved["stays"], moved["num_keep"]
+        self.window_start = moved["window_start"]
 
     def commit(self) -> None:
         """Write the observing rows' statistics (on the device) and the evicting rows' page
