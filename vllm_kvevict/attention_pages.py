@@ -205,6 +205,11 @@ class AttentionStatsRuntime(RequestRegistry):
         self.ops = ops  # page copies (masked, no host sync off the CPU); chosen at the first plan
 
     @property
+    def selections(self) -> int:
+        """(request, step) pairs that ranked pages for eviction so far."""
+        return self.stats.selections
+
+    @property
     def bound(self) -> bool:
         return self.scale is not None
 
@@ -244,6 +249,7 @@ class AttentionStatsRuntime(RequestRegistry):
             num_full_cols = len(positions) - (1 if seq_len % bs else 0)
             survivors = None
             if frees:
+                self.stats.selections += 1
                 survivors = [c for c, p in enumerate(positions[:num_full_cols]) if p not in after]
             observed.append(ObservedRow(
                 row=i, state=state, first_query=row.first_token + row.num_new - num_queries,

@@ -103,3 +103,23 @@ def start_llm_in_subprocess(model_path: str, llm_kwargs: str):
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(model_path, tmp_path_factory):
+    """A 2-layer Llama with 4 query and 2 KV heads (splits over TP=2), random weights, the bundled
+    tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)

@@ -32,6 +32,8 @@ def test_full_host_store_makes_requests_wait_not_fail(llm_factory):
         most_running = max(most_running, len(sched.running))
         assert manager.host_reserved_total <= manager.host_pages
     assert most_running < len(prompts)  # the store, not the KV pool, limited concurrency
+    # Counted for /metrics: each request kept waiting once, however many steps it waited.
+    assert 1 <= manager.host_store_refusals["waited"] <= len(prompts) - 1
     assert all(len(outputs[f"h{i}"]) == 24 for i in range(4))
     small.llm_engine.step()  # the step that tells the workers which requests finished
     assert manager.host_reserved_total == 0 and _runtime().store.used_pages == 0

@@ -1,63 +1,21 @@
 """A real `vllm serve` with the plugin on 127.0.0.1, driven through the OpenAI client."""
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.engine.serving import running_server
+
 pytestmark = pytest.mark.engine
-
-STARTUP_TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _vllm_executable() -> str:
-    return str(Path(sys.executable).with_name("vllm"))
 
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     """One server per module: arkvale at a 512-token budget."""
-    import requests
-
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [_vllm_executable(), "serve", model_path, "--host", "127.0.0.1", "--port", str(port),
-             "--max-model-len", "8192", "--enforce-eager", "--served-model-name", "smollm2",
-             "--kv-eviction-policy", "arkvale", "--kv-budget", "512"],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve did not start:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
+    with running_server(model_path, ["--max-model-len", "8192", "--enforce-eager",
+                                     "--served-model-name", "smollm2", "--kv-eviction-policy",
+                                     "arkvale", "--kv-budget", "512"], log_path) as base:
         yield base, log_path
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,7 @@
 """ArkVale under tensor parallelism (TP=2, multiproc executor) on a tiny random-weight model.
 
-The bundled model's 3 KV heads do not split over 2 ranks, so a 2-layer Llama with 4 query and
-2 KV heads is built here (random weights, the bundled tokenizer). Each rank scores and recalls
-for its own KV head.
+The bundled model's 3 KV heads do not split over 2 ranks, so the ``tiny_llama`` fixture's 2-layer
+Llama with 4 query and 2 KV heads is used. Each rank scores and recalls for its own KV head.
 """
 import json
 import os
@@ -15,30 +14,12 @@ import pytest
 pytestmark = pytest.mark.engine
 
 
-@pytest.fixture(scope="module")
-def tiny_model(model_path, tmp_path_factory):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=64, max_position_embeddings=2048, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
-
-
-def test_tp2_covering_budget_matches_none_and_evicting_run_recalls(tiny_model, tmp_path):
+def test_tp2_covering_budget_matches_none_and_evicting_run_recalls(tiny_llama, tmp_path):
     out = tmp_path / "tp.json"
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_KVCACHE_SPACE="1",
                VLLM_ALLOW_INSECURE_SERIALIZATION="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     script = Path(__file__).with_name("tp_arkvale.py")
-    result = subprocess.run([sys.executable, str(script), tiny_model, str(out)], env=env,
+    result = subprocess.run([sys.executable, str(script), tiny_llama, str(out)], env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     runs = json.loads(out.read_text())

@@ -15,6 +15,7 @@ fills the ``CUSTOM`` member, selected with ``--attention-backend CUSTOM``, over 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 from vllm.v1.attention.backend import CommonAttentionMetadata
@@ -173,9 +174,13 @@ class EvictingBuilderMixin:
         plan = None
         runtime = self._page_runtime()
         if runtime is not None:
+            start = time.perf_counter()
             rows = page_runtime.take_step_rows(common_attn_metadata, runtime)
             if rows:
+                selections = runtime.selections
                 plan = runtime.plan_step(rows, self.device)
+                runtime.step_metrics.begin_step(time.perf_counter() - start,
+                                                runtime.selections - selections)
                 page_runtime.maybe_log_stats(runtime)
         compact = compact_common_metadata(common_attn_metadata, spec.layout,
                                           plan.sparse_seq_lens if plan else None)
@@ -208,6 +213,7 @@ def forward_with_pages(forward, layer, query, key, value, kv_cache, attn_metadat
     runtime = attn_metadata.kvevict_runtime
     if not runtime.bound:
         raise RuntimeError("vllm-kvevict: page work planned before the KV cache was allocated")
+    start = time.perf_counter()  # host time only: on CUDA the kernels run on asynchronously
     index = runtime.layer_index[layer.layer_name]
     tables = runtime.before_attention(index, query, kv_cache, plan)
     layer_metadata = attn_metadata
@@ -217,8 +223,11 @@ def forward_with_pages(forward, layer, query, key, value, kv_cache, attn_metadat
         width = min(table.shape[1], block_table.shape[1])
         block_table[rows, :width] = table[:, :width].to(block_table.dtype)
         layer_metadata = dataclasses.replace(attn_metadata, block_table=block_table)
+    spent = time.perf_counter() - start
     result = forward(layer, query, key, value, kv_cache, layer_metadata, output, *args, **kwargs)
+    start = time.perf_counter()
     runtime.after_attention(index, query, kv_cache, plan)
+    runtime.step_metrics.add_time(spent + time.perf_counter() - start)
     return result
 
 

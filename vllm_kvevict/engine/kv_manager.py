@@ -29,6 +29,10 @@ class EvictingAttentionManager(FullAttentionManager):
     full KV cache: a waiting request keeps waiting, a running one preempts the lowest-priority
     request (whose host pages are released when the workers hear of it, before they run the next
     step). Invariant: the sum of reservations never exceeds ``host_pages``.
+
+    ``host_store_refusals`` counts those refusals for the metrics: ``waited`` once per waiting
+    request kept out (until it is admitted), ``preempted`` once per refusal of a running
+    request (each costs one preemption).
     """
 
     def __init__(self, kv_cache_spec, **kwargs) -> None:
@@ -37,6 +41,8 @@ class EvictingAttentionManager(FullAttentionManager):
         self.host_pages = kv_cache_spec.host_pages
         self.host_reserved: dict[str, int] = {}
         self.host_reserved_total = 0
+        self.host_store_refusals = {"waited": 0, "preempted": 0}
+        self._kept_waiting: set[str] = set()
         self._check_prompt_fits(kv_cache_spec.max_model_len)
         if self.host_pages:
             self._check_host_fits(kv_cache_spec.max_model_len)
@@ -65,11 +71,13 @@ class EvictingAttentionManager(FullAttentionManager):
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args, **kwargs) -> int:
         num_blocks = super().get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs)
         if self.host_pages and self._host_shortfall(request_id, num_tokens) > 0:
+            self._count_refusal(request_id)
             # More than any pool can give: the scheduler waits or preempts, as for a full cache.
             return self.block_pool.num_gpu_blocks + 1
         return num_blocks
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, *args, **kwargs):
+        self._kept_waiting.discard(request_id)
         if self.host_pages:
             need = cdiv(num_tokens, self.block_size)
             before = self.host_reserved.get(request_id, 0)
@@ -79,8 +87,16 @@ class EvictingAttentionManager(FullAttentionManager):
         return super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
 
     def free(self, request_id: str) -> None:
+        self._kept_waiting.discard(request_id)
         self.host_reserved_total -= self.host_reserved.pop(request_id, 0)
         super().free(request_id)
+
+    def _count_refusal(self, request_id: str) -> None:
+        if self.req_to_blocks.get(request_id):
+            self.host_store_refusals["preempted"] += 1
+        elif request_id not in self._kept_waiting:
+            self._kept_waiting.add(request_id)
+            self.host_store_refusals["waited"] += 1
 
     def _host_shortfall(self, request_id: str, num_tokens: int) -> int:
         extra = cdiv(num_tokens, self.block_size) - self.host_reserved.get(request_id, 0)
@@ -95,3 +111,7 @@ class EvictingAttentionManager(FullAttentionManager):
     def num_resident_blocks(self, request_id: str) -> int:
         """Blocks the request holds now (null placeholders excluded)."""
         return sum(not block.is_null for block in self.req_to_blocks.get(request_id, ()))
+
+    def num_resident_blocks_total(self) -> int:
+        """Blocks all requests hold now (read for the metrics, not per step)."""
+        return sum(not block.is_null for blocks in self.req_to_blocks.values() for block in blocks)

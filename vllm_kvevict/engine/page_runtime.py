@@ -20,25 +20,30 @@ refused at start-up).
 from __future__ import annotations
 
 import itertools
+import os
 import time
 
 from vllm.logger import init_logger
 
 from vllm_kvevict.attention_pages import AttentionStatsRuntime
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.engine.metrics import StepMetrics
 from vllm_kvevict.engine.patching import wrap_method
 from vllm_kvevict.pages import BlockFormat, HostPageStore, PageRuntime, RowInput
 from vllm_kvevict.paging import cdiv
 
 logger = init_logger("vllm.kvevict")
 
-STATS_LOG_INTERVAL_S = 10.0
+# The workers' INFO line of page statistics: every N seconds while something changes; 0: off.
+STATS_LOG_INTERVAL_ENV = "VLLM_KVEVICT_LOG_STATS_INTERVAL"
+DEFAULT_STATS_LOG_INTERVAL_S = 10.0
 
 _runtime: PageRuntime | None = None
 _active_runner = None  # the model runner whose step is being planned
 _step_pending = False
 _last_log = 0.0
 _last_logged_stats: tuple | None = None
+_log_interval: float | None = None
 
 V2_RUNNER_ERROR = ("--kv-eviction-policy {policy} needs vLLM's V1 model runner (its worker hooks "
                    "are not ported to Model Runner V2); unset VLLM_USE_V2_MODEL_RUNNER or set it "
@@ -54,6 +59,12 @@ def create_runtime(config: EvictionConfig, spec, layer_names: list[str]) -> Page
     """A new runtime for this worker's engine (replacing one of an engine shut down before).
 
     Its block format is set when it is bound to the KV cache (:func:`bind_page_runtimes`)."""
+    runtime = _new_runtime(config, spec, layer_names)
+    runtime.step_metrics = StepMetrics()
+    return runtime
+
+
+def _new_runtime(config: EvictionConfig, spec, layer_names: list[str]) -> PageRuntime:
     global _runtime
     from vllm_kvevict.policies import AttentionStatsPolicy, get_policy
 
@@ -199,11 +210,27 @@ def take_step_rows(cm, runtime: PageRuntime) -> list[RowInput] | None:
     return rows
 
 
+def stats_log_interval() -> float:
+    """Seconds between the workers' page-statistics lines (``VLLM_KVEVICT_LOG_STATS_INTERVAL``;
+    0 turns them off; read once per process)."""
+    global _log_interval
+    if _log_interval is None:
+        raw = os.environ.get(STATS_LOG_INTERVAL_ENV, "")
+        try:
+            _log_interval = float(raw) if raw else DEFAULT_STATS_LOG_INTERVAL_S
+        except ValueError:
+            logger.warning("vllm-kvevict: %s=%r is not a number of seconds; using %g",
+                           STATS_LOG_INTERVAL_ENV, raw, DEFAULT_STATS_LOG_INTERVAL_S)
+            _log_interval = DEFAULT_STATS_LOG_INTERVAL_S
+    return _log_interval
+
+
 def maybe_log_stats(runtime: PageRuntime) -> None:
-    """One INFO line every ``STATS_LOG_INTERVAL_S`` seconds while something changes."""
+    """One INFO line every :func:`stats_log_interval` seconds while something changes."""
     global _last_log, _last_logged_stats
     now = time.monotonic()
-    if now - _last_log < STATS_LOG_INTERVAL_S:
+    interval = stats_log_interval()
+    if interval <= 0 or now - _last_log < interval:
         return
     stats = runtime.stats  # folds the layers' device-side counts: read only when due
     current = (stats.backed_up, stats.evicted, stats.recalled, runtime.store.used_pages)
@@ -224,4 +251,3 @@ def maybe_log_stats(runtime: PageRuntime) -> None:
 def host_pages_for(config: EvictionConfig, page_size_bytes: int, num_layers: int) -> int:
     """Host pages (all layers of one rank) that ``--kv-host-space`` holds."""
     return config.host_space_bytes // (page_size_bytes * num_layers)
-

@@ -3,7 +3,8 @@
 vLLM loads general plugins in every process it starts (API server, engine core, workers), before
 the config is known there, so ``register`` installs everything unconditionally and each piece
 reads the policy from the config when it is used: the CLI/config hooks, the KV-cache spec and its
-manager, and the attention backend over the platform's default. Under policy ``none`` the backend
+manager, the attention backend over the platform's default, and the metrics route to
+``/metrics`` (:mod:`vllm_kvevict.engine.metrics`). Under policy ``none`` the backend
 keeps the stock spec and the stock metadata builder, so vLLM computes exactly what it computes
 without the plugin.
 """
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from vllm_kvevict.engine import backend, cli, kv_spec, vllm_fixes
+    from vllm_kvevict.engine import backend, cli, kv_spec, metrics, metrics_export, vllm_fixes
 
     vllm_fixes.install()
     cli.install()
+    metrics.install()
+    metrics_export.install()
     kv_spec.register_spec()
     backend.register_backend()

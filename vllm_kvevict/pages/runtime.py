@@ -52,6 +52,11 @@ class PageRuntime(RequestRegistry):
                                    evicted=self._stats.evicted + evicted)
 
     @property
+    def selections(self) -> int:
+        """(request, step) pairs that selected pages so far (host-side: no device read)."""
+        return self._stats.selections
+
+    @property
     def bound(self) -> bool:
         return self.store.bound
 
