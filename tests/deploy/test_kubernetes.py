@@ -162,3 +162,39 @@ def test_pod_resources_follow_from_the_host_store(pod, parse_serve):
         assert request >= stores + shm + MIN_PROCESS_OVERHEAD_GIB * GIB, (
             f"{name}: {resources['requests']['memory']} < {gpus} x {settings['host_space_gib']} "
             f"GiB host store + {shm / GIB:g} GiB shm + {MIN_PROCESS_OVERHEAD_GIB} GiB")
+
+
+# --- wiring: ServiceMonitor -> Service -> pods ---------------------------------------------------
+
+
+def pod_labels(doc):
+    """Labels of the pods that serve HTTP: a Deployment's, or a LeaderWorkerSet's leaders (LWS
+    adds its name label to every pod it creates)."""
+    if doc["kind"] == "Deployment":
+        return doc["spec"]["template"]["metadata"]["labels"], doc["spec"]["template"]["spec"]
+    template = doc["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+    labels = {**template["metadata"]["labels"],
+              "leaderworkerset.sigs.k8s.io/name": doc["metadata"]["name"]}
+    return labels, template["spec"]
+
+
+@pytest.mark.parametrize("recipe", ["single-node", "multi-node"])
+def test_service_monitor_reaches_the_server_port(recipe):
+    docs = [doc for path, doc in documents() if path.parent.name == recipe]
+    (monitor,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    (workload,) = [d for d in docs if d["kind"] in ("Deployment", "LeaderWorkerSet")]
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    assert wanted.items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+    labels, pod = pod_labels(workload)
+    assert service["spec"]["selector"].items() <= labels.items()
+    container = pod["containers"][0]
+    target = port["targetPort"]
+    assert any(p["containerPort"] == 8000 and target in (p.get("name"), p["containerPort"])
+               for p in container["ports"])
+    words = container["args"] if workload["kind"] == "Deployment" else serve_words(
+        " ".join(container["args"]))
+    assert "--port=8000" in words or words[words.index("--port") + 1] == "8000"
