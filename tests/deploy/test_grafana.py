@@ -3,7 +3,8 @@ vLLM and the plugin export.
 
 The model is checked against the JSON schemas Grafana publishes in its foundation SDK (vendored
 in deploy/grafana/schemas/): the dashboard, each time-series panel's options and each Prometheus
-query. Metric names are read from the PromQL of every query.
+query. Every query is parsed as PromQL (`promql-parser`, Grafana's variables substituted) and the
+metric names are read from the parsed selectors.
 """
 import importlib
 import importlib.util
@@ -12,6 +13,7 @@ import re
 from pathlib import Path
 
 import jsonschema
+import promql_parser  # the `test` extra
 import pytest
 
 from tests.deploy.conftest import DEPLOY
@@ -50,9 +52,40 @@ def charts(dashboard):
     return [p for p in dashboard["panels"] if p["type"] != "row"]
 
 
+# Values Grafana substitutes for the dashboard's variables before a query reaches Prometheus.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model_name": ".*"}
+
+
+def parse_promql(expr: str):
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    assert "$" not in expr, f"unknown variable in {expr!r}"
+    return promql_parser.parse(expr)
+
+
+def selector_names(node) -> set[str]:
+    """Metric names of every vector selector in a parsed PromQL expression."""
+    if isinstance(node, promql_parser.VectorSelector):
+        return {node.name}
+    children = []
+    for attribute in ("expr", "lhs", "rhs", "param", "vector_selector"):
+        children.append(getattr(node, attribute, None))
+    children.extend(getattr(node, "args", None) or ())
+    return set().union(*(selector_names(c) for c in children if isinstance(c, promql_parser.Expr)))
+
+
 def series_in(dashboard) -> set[str]:
     exprs = [t["expr"] for p in charts(dashboard) for t in p["targets"]]
-    return {name for expr in exprs for name in re.findall(r"vllm:[A-Za-z0-9_:]+", expr)}
+    return set().union(*(selector_names(parse_promql(expr)) for expr in exprs))
+
+
+def test_queries_are_promql():
+    with pytest.raises(ValueError):
+        parse_promql("sum by (rank (rate(vllm:num_requests_running[$__rate_interval]))")
+    names = selector_names(parse_promql(
+        'histogram_quantile(0.5, sum by (le) (rate(a_bucket{model_name=~"$model_name"}[5m])))'
+        " / sum(b) + c_total"))
+    assert names == {"a_bucket", "b", "c_total"}
 
 
 def test_dashboard_matches_grafanas_schema(dashboard):
