@@ -73,6 +73,39 @@ def test_flag_group_offers_implemented_policies_only(serve_parser):
     assert actions["--kv-host-space"].type is float and actions["--kv-recent-ratio"].type is float
 
 
+def serve_help(parser, capsys, *flags) -> str:
+    """What `vllm serve *flags` prints for a help request (vLLM keeps the keyword on the class)."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["serve", *flags])
+    finally:
+        FlexibleArgumentParser._search_keyword = None
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("keyword", ["KVEviction", "kveviction"])
+def test_help_section_by_one_word(serve_parser, capsys, keyword):
+    """`vllm serve --help=KVEviction` shows the plugin's group, as `--help=CacheConfig` does."""
+    from vllm_kvevict.engine.cli import GROUP_TITLE
+
+    shown = serve_help(serve_parser, capsys, f"--help={keyword}")
+    assert shown.startswith(f"{GROUP_TITLE}:\n")  # the group itself, not a flag-name match
+    flags = sorted(set(re.findall(r"^\s+(--kv-[a-z-]+)", shown, re.MULTILINE)))
+    assert flags == ["--kv-budget", "--kv-digest", "--kv-eviction-policy", "--kv-host-space",
+                     "--kv-observation-window", "--kv-recent-ratio", "--kv-sink-tokens",
+                     "--kv-sparse-attention", "--kv-top-k-tokens", "--kv-window-tokens"]
+    assert "--block-size" not in shown
+
+
+def test_help_lists_the_section(serve_parser, capsys):
+    """Plain `vllm serve --help` lists the section by the name `--help=` takes."""
+    shown = serve_help(serve_parser, capsys, "--help")
+    assert re.search(r"^\s+KVEviction\s+vllm-kvevict: cap the KV cache", shown, re.MULTILINE)
+
+
 def test_additional_config_route_alone(serve_parser, model_path):
     args = serve_engine_args(serve_parser, model_path,
                              "--additional-config.kv_eviction.policy", "streamingllm",

@@ -6,8 +6,9 @@ the engine core and the workers, which re-read it with ``EvictionConfig.from_vll
 
 Hook points (all installed by :func:`install`, idempotent):
 
-* ``EngineArgs.add_cli_args``: adds the "KV eviction (vllm-kvevict)" argument group, so the flags
-  exist for ``vllm serve`` and as ``vllm serve --config file.yaml`` keys (vLLM turns YAML keys into
+* ``EngineArgs.add_cli_args``: adds the ``KVEviction`` argument group, so the flags exist for
+  ``vllm serve`` (``vllm serve --help=KVEviction`` shows them, as ``--help=CacheConfig`` shows
+  vLLM's own sections) and as ``vllm serve --config file.yaml`` keys (vLLM turns YAML keys into
   flags before parsing).
 * ``EngineArgs.from_cli_args``: folds the flags into ``additional_config``; they override the same
   keys given as ``--additional-config.kv_eviction.<key>`` (which works on its own, unpatched).
@@ -50,7 +51,8 @@ SETTINGS = {
     "kv_observation_window": "observation_window",
     "kv_recent_ratio": "recent_ratio",
 }
-GROUP_TITLE = "KV eviction (vllm-kvevict)"
+# One word: vLLM's `--help=<section>` matches a group by its whole title, case-insensitively.
+GROUP_TITLE = "KVEviction"
 ERROR_PREFIX = "vllm-kvevict: error: "
 SERVE_MODULE = "vllm.entrypoints.cli.serve"
 
@@ -121,11 +123,10 @@ def _add_cli_args(original, parser, *args, **kwargs):
     if "--kv-eviction-policy" in parser._option_string_actions:
         return parser  # EngineArgs.add_cli_args called twice on one parser
     group = parser.add_argument_group(
-        GROUP_TITLE, "Cap the KV cache each request keeps (per layer) once its prompt is "
-        "processed. Also accepted as --additional-config.kv_eviction.<setting> (policy, budget, "
-        "sink_tokens, window_tokens, top_k_tokens, host_space_gib, sparse_attention, digest, "
-        "observation_window, recent_ratio); "
-        "these flags win over it.")
+        GROUP_TITLE, "vllm-kvevict: cap the KV cache each request keeps (per layer) once its "
+        "prompt is processed. Also accepted as --additional-config.kv_eviction.<setting> "
+        "(policy, budget, sink_tokens, window_tokens, top_k_tokens, host_space_gib, "
+        "sparse_attention, digest, observation_window, recent_ratio); these flags win over it.")
     # The defaults stay None ("not set": vLLM's help prints them as "(default: None)"), so only
     # what the user set reaches additional_config; the effective defaults live in EvictionConfig.
     group.add_argument("--kv-eviction-policy", choices=sorted(POLICY_REGISTRY), default=None,
