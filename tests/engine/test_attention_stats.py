@@ -1,4 +1,5 @@
-"""h2o, tova, roco, snapkv, lra and lfa on the real engine: per-layer page eviction within the budget."""
+"""h2o, tova, roco, snapkv, lra and lfa on the real engine: per-layer page eviction within the
+budget."""
 import pytest
 
 from tests.conftest import report

@@ -21,9 +21,9 @@ POLICY_REGISTRY: dict[str, EvictionPolicy] = {
                                        TOVA(), RoCo(), SnapKV(), LRA(), LFA())
 }
 
-__all__ = ["ArkVale", "AttentionStatsPolicy", "EvictionPolicy", "H2O", "LFA", "LRA", "NoEviction",
-           "PageSelectionPolicy", "POLICY_REGISTRY", "Quest", "RoCo", "SnapKV", "StreamingLLM", "TOVA",
-           "get_policy"]
+__all__ = ["ArkVale", "AttentionStatsPolicy", "EvictionPolicy", "H2O", "LFA", "LRA",
+           "NoEviction", "PageSelectionPolicy", "POLICY_REGISTRY", "Quest", "RoCo", "SnapKV",
+           "StreamingLLM", "TOVA", "get_policy"]
 
 
 def get_policy(name: str) -> EvictionPolicy:
