@@ -1,5 +1,6 @@
-"""Evict-only pages ranked by attention statistics (h2o, tova, roco, snapkv), driven like vLLM
-drives them (the fake scheduler of ``test_pages``: a block's values name the page it holds)."""
+"""Evict-only pages ranked by attention statistics (h2o, tova, roco, snapkv, lra, lfa), driven
+like vLLM drives them (the fake scheduler of ``test_pages``: a block's values name the page it
+holds)."""
 import pytest
 import torch
 
@@ -29,7 +30,7 @@ def held_pages(eng: FakeEngine, req: str = "a") -> list[set[int]]:
     return [set(state.held[layer].tolist()) for layer in range(LAYERS)]
 
 
-@pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv"])
+@pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv", "lra", "lfa"])
 def test_prompt_end_keeps_the_page_the_last_queries_attend_to(policy, cache):
     eng = engine(policy, cache=cache)
     # 10 pages of prompt; the last query points at page 2, which lies in the range the
@@ -43,7 +44,7 @@ def test_prompt_end_keeps_the_page_the_last_queries_attend_to(policy, cache):
     assert len(eng.runtime.requests["a"].block_ids) <= LAYOUT.max_resident_pages
 
 
-@pytest.mark.parametrize("policy", ["h2o", "tova", "roco"])
+@pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "lra", "lfa"])
 def test_decode_keeps_the_attended_page_within_budget(policy, cache):
     eng = engine(policy, cache=cache)
     prompt = 10 * BS
@@ -129,8 +130,7 @@ class RowByRowRuntime(AttentionStatsRuntime):
         query_positions = torch.arange(obs.num_tokens - obs.num_queries, obs.num_tokens)
         queries = query[obs.first_query:obs.first_query + obs.num_queries]
         mass = page_attention_mass(queries, keys, key_positions, query_positions, self.scale)
-        seen = key_positions[:, 0].unsqueeze(0) <= query_positions.unsqueeze(1)
-        accumulate(stats, held, mass, seen)
+        accumulate(stats, held, mass, key_positions, query_positions)
 
     def _evict_row(self, kv_cache, obs, held, stats):
         layout = self.layout
@@ -139,9 +139,7 @@ class RowByRowRuntime(AttentionStatsRuntime):
         partial = obs.num_tokens % layout.block_size != 0
         window_full = layout.window_pages - (1 if partial else 0)
         pinned = (pages < layout.sink_pages) | (pages >= obs.num_full - window_full)
-        view = PageAttentionStats(
-            total=stats[0, pages], squares=stats[1, pages], count=stats[2, pages],
-            last=stats[3, pages], pinned=pinned, budget_pages=layout.budget_pages)
+        view = PageAttentionStats.of(stats[:, pages], pinned, layout.budget_pages)
         scores = self.policy.score(view).float().masked_fill(pinned, float("inf"))
         by_page = torch.argsort(pages)
         kept = torch.zeros(cols, dtype=torch.bool)
@@ -195,7 +193,7 @@ def any_cache(request):
     return ALL_CACHES[request.param]
 
 
-@pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv"])
+@pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv", "lra", "lfa"])
 def test_batched_rows_match_row_by_row(policy, any_cache):
     """Prompts ending together and alongside decode rows (windows of 4, 2 and 1 queries),
     prompt-end and decode evictions of several rows at once: the same statistics and the same
@@ -265,7 +263,7 @@ def test_block_keys_of_flash_layouts(cache):
     torch.testing.assert_close(logits, expected)
 
 
-@pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv"])
+@pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv", "lra", "lfa"])
 def test_scores_of_a_padded_batch_are_the_rows_scores(policy):
     gen = torch.Generator().manual_seed(0)
     lengths = [7, 4, 9]
@@ -277,13 +275,17 @@ def test_scores_of_a_padded_batch_are_the_rows_scores(policy):
         squares = total * total / count + torch.rand(n, generator=gen) * (count > 1)
         pinned = torch.zeros(n, dtype=torch.bool)
         pinned[[0, n - 1]] = True
-        rows.append(PageAttentionStats(total, squares, count, torch.rand(n, generator=gen),
-                                       pinned, budget_pages=10))
+        attended = torch.randint(0, 3, (n,), generator=gen).float()
+        attended[2] = attended[3]  # equal counts
+        rows.append(PageAttentionStats(
+            total, squares, count, attended, torch.rand(n, generator=gen),
+            torch.randperm(4 * n, generator=gen)[:n].float(), pinned, budget_pages=10))
     width = max(lengths)
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.numel()))  # noqa: E731
     valid = torch.stack([pad(torch.ones(n, dtype=torch.bool)) for n in lengths])
     batch = PageAttentionStats(*(torch.stack([pad(getattr(r, f)) for r in rows]) for f in
-                                 ("total", "squares", "count", "last", "pinned")),
+                                 ("total", "squares", "count", "attended", "last",
+                                  "last_attended", "pinned")),
                                budget_pages=10, valid=valid)
     scores = get_policy(policy).score(batch)
     for i, (row, n) in enumerate(zip(rows, lengths)):

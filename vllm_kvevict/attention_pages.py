@@ -1,4 +1,4 @@
-"""The life of a page under an attention-statistics policy (H2O, TOVA, RoCo, SnapKV):
+"""The life of a page under an attention-statistics policy (H2O, TOVA, RoCo, SnapKV, LRA, LFA):
 fill -> observe -> evict.
 
 Plain torch; vLLM glue (``vllm_kvevict.engine``) only feeds it the batch and the KV cache.
@@ -34,8 +34,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from vllm_kvevict.algorithms.attention_stats import (COUNT, LAST, NUM_STATS, SQUARES, TOTAL,
-                                                     PageAttentionStats, page_mass_from_logits)
+from vllm_kvevict.algorithms.attention_stats import (LAST, LAST_ATTENDED, NUM_STATS, NUM_SUMS,
+                                                     PageAttentionStats, attended, latest_use,
+                                                     page_mass_from_logits)
 from vllm_kvevict.algorithms.selection import keep_mask
 from vllm_kvevict.pages import (BlockFormat, CPUBlockFormat, FlashBlockFormat, HostPageStore,
                                 PageStats, RequestPages, RequestRegistry, RowInput, key_tiles,
@@ -317,16 +318,22 @@ class AttentionStatsRuntime(RequestRegistry):
             key_positions = key_positions.index_select(0, batch.query_rows)  # [queries, C, bs]
         positions = batch.query_positions.unsqueeze(1)
         mass = page_mass_from_logits(logits.unsqueeze(1), key_positions, positions)[:, 0]
-        seen = (key_positions[:, :, 0] <= positions).float()
-        added = torch.stack([mass, mass * mass, seen], 1)  # TOTAL, SQUARES, COUNT: rows 0..2
+        seen_tokens = (key_positions <= positions.unsqueeze(-1)).sum(-1)  # [queries, C]
+        hit = attended(mass, seen_tokens)
+        # TOTAL, SQUARES, COUNT, ATTENDED: rows 0..NUM_SUMS - 1
+        added = torch.stack([mass, mass * mass, (seen_tokens > 0).float(), hit.float()], 1)
         last = mass
-        if rows > single:  # sums over each row's queries; its last query's mass
-            added = torch.zeros((rows, 3, num_cols), dtype=mass.dtype,
+        use = latest_use(hit, seen_tokens, batch.query_positions, key_positions[:, :, 0])
+        if rows > single:  # sums over each row's queries; its last query's mass; latest use
+            added = torch.zeros((rows, NUM_SUMS, num_cols), dtype=mass.dtype,
                                 device=mass.device).index_add_(0, batch.query_rows, added)
             last = mass.index_select(0, batch.last_query)
+            use = torch.zeros((rows, num_cols), dtype=use.dtype, device=use.device).scatter_reduce_(
+                0, batch.query_rows.unsqueeze(1).expand(-1, num_cols), use, "amax")
         stats = batch.stats[layer, :rows]  # [R, NUM_STATS, P + 1]
-        stats[:, TOTAL:COUNT + 1].scatter_add_(2, held.unsqueeze(1).expand(-1, 3, -1), added)
+        stats[:, :NUM_SUMS].scatter_add_(2, held.unsqueeze(1).expand(-1, NUM_SUMS, -1), added)
         stats[:, LAST].scatter_(1, held, last)
+        stats[:, LAST_ATTENDED].scatter_reduce_(1, held, use, "amax")
 
     def _evict(self, layer: int, kv_cache: torch.Tensor, batch: StatsBatch) -> None:
         """Keep each row's sinks, window and best-scored full pages (as many as its blocks that
@@ -339,9 +346,7 @@ class AttentionStatsRuntime(RequestRegistry):
         pinned = full & ((held < layout.sink_pages) | (held >= batch.window_start.unsqueeze(1)))
         stats = batch.stats[layer].index_select(0, rows).gather(
             2, held.unsqueeze(1).expand(-1, NUM_STATS, -1))
-        view = PageAttentionStats(
-            total=stats[:, TOTAL], squares=stats[:, SQUARES], count=stats[:, COUNT],
-            last=stats[:, LAST], pinned=pinned, budget_pages=layout.budget_pages, valid=full)
+        view = PageAttentionStats.of(stats, pinned, layout.budget_pages, valid=full)
         scores = self.policy.score(view).float().masked_fill(pinned, float("inf"))
         # Rank in page order (padding first, so last once flipped): the more recent page wins.
         by_page = torch.argsort(held.masked_fill(~full, -1), dim=1, stable=True)

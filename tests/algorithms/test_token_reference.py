@@ -27,7 +27,40 @@ def test_h2o_reference_keeps_the_heaviest_tokens_by_hand():
     assert kept[0].nonzero().squeeze(1).tolist() == [0, 2, 5]
 
 
-@pytest.mark.parametrize("name", ["h2o", "tova", "snapkv"])
+def _pointing_queries(targets: dict[int, int], num_tokens: int = 8):
+    """One head, token ``i``'s key ``e_i``; the query at position ``t`` points at token
+    ``targets[t]`` (a strong logit for it, 0 for the others), or at nothing."""
+    keys = torch.eye(num_tokens).unsqueeze(1)
+    queries = torch.zeros(num_tokens, 1, num_tokens)
+    for t, target in targets.items():
+        queries[t, 0, target] = 20.0
+    return queries, keys
+
+
+def test_lra_evicts_the_token_attended_least_recently_by_hand():
+    # Prompt of 6, budget 4, sink 1, window 1, observation window 3 (queries 3, 4, 5).
+    # Token 2 is attended at 3, token 1 at 4 and token 3 at 5: at the prompt's end tokens 1..4
+    # compete for 2 places (sink 0 and window 5 pinned): latest uses 4 (token 1), 3 (token 2),
+    # 5 (token 3), 4 (token 4, written at 4): 3 and the more recent of 1 and 4 stay.
+    queries, keys = _pointing_queries({3: 2, 4: 1, 5: 3, 6: 3, 7: 1})
+    kept = token_level_keep("lra", queries, keys, prompt_len=6, budget=4, sink=1, window=1,
+                            observation_window=3, scale=1.0)
+    # Token 6 arrives (its query attends 3): 4 (last use 4) goes, not 3 (6) or 5 (written at
+    # 5); token 7 arrives (its query points at 1, not kept, so attends nothing): 5 goes.
+    assert kept[0].nonzero().squeeze(1).tolist() == [0, 3, 6, 7]
+
+
+def test_lfa_evicts_the_token_attended_least_often_by_hand():
+    queries, keys = _pointing_queries({3: 2, 4: 2, 5: 1, 6: 1, 7: 1})
+    kept = token_level_keep("lfa", queries, keys, prompt_len=6, budget=4, sink=1, window=1,
+                            observation_window=3, scale=1.0)
+    # Prompt's end: token 2 attended twice, token 1 once, 3 and 4 never: 2 and 1 stay. Then
+    # 6 and 7 arrive: 5 and then 6, never attended, go as they leave the window; 2 (attended
+    # twice) and 1 (three times) stay.
+    assert kept[0].nonzero().squeeze(1).tolist() == [0, 1, 2, 7]
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "snapkv", "lra", "lfa"])
 def test_pages_of_one_token_and_one_head_reproduce_the_reference(name):
     """With single-token pages and one KV head, only the granularity differs, and there is none."""
     queries, keys = _inputs()
@@ -38,7 +71,7 @@ def test_pages_of_one_token_and_one_head_reproduce_the_reference(name):
     assert int(token_kept.sum()) == 12 and kept_overlap(token_kept, page_kept) == 1.0
 
 
-@pytest.mark.parametrize("name", ["h2o", "tova", "roco", "snapkv"])
+@pytest.mark.parametrize("name", ["h2o", "tova", "roco", "snapkv", "lra", "lfa"])
 def test_page_level_respects_the_budget_and_pins(name):
     queries, keys = _inputs(num_tokens=100, kv_heads=2)
     page_kept = page_level_keep(get_policy(name), queries, keys, 70, 32, 8, 8, 8, 0.3,

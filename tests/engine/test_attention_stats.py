@@ -1,4 +1,5 @@
-"""h2o, tova, roco and snapkv on the real engine: per-layer page eviction within the budget."""
+"""h2o, tova, roco, snapkv, lra and lfa on the real engine: per-layer page eviction within the
+budget."""
 import pytest
 
 from tests.conftest import report
@@ -11,7 +12,7 @@ TRIALS = 2
 PROMPT_TOKENS = 1500
 
 
-@pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv"])
+@pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv", "lra", "lfa"])
 def test_resident_blocks_stay_within_budget_while_pages_are_evicted(model_path, policy):
     from transformers import AutoTokenizer
     from vllm import SamplingParams

@@ -65,8 +65,8 @@ def test_flag_group_offers_implemented_policies_only(serve_parser):
                                "--kv-sink-tokens", "--kv-sparse-attention", "--kv-top-k-tokens",
                                "--kv-window-tokens"]
     assert actions["--kv-eviction-policy"].choices == sorted(POLICY_REGISTRY)
-    assert sorted(POLICY_REGISTRY) == ["arkvale", "h2o", "none", "quest", "roco", "snapkv",
-                                       "streamingllm", "tova"]
+    assert sorted(POLICY_REGISTRY) == ["arkvale", "h2o", "lfa", "lra", "none", "quest", "roco",
+                                       "snapkv", "streamingllm", "tova"]
     assert all(actions[f].type is int for f in ("--kv-budget", "--kv-sink-tokens",
                                                 "--kv-window-tokens", "--kv-top-k-tokens",
                                                 "--kv-observation-window"))

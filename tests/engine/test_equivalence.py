@@ -74,6 +74,8 @@ def test_none_matches_stock_vllm(model_path, none_tokens, tmp_path):
     ("tova", {}),
     ("roco", {}),
     ("snapkv", {}),
+    ("lra", {}),
+    ("lfa", {}),
 ])
 def test_covering_budget_matches_none(model_path, none_runs, policy, settings):
     """A batch of mixed lengths, then each prompt alone (arkvale also backs every page up).
@@ -83,7 +85,7 @@ def test_covering_budget_matches_none(model_path, none_runs, policy, settings):
     try:
         assert llm.llm_engine.vllm_config.cache_config.block_size == BLOCK_SIZE
         assert _greedy(llm, _prompts()) == none_tokens
-        if policy in ("h2o", "tova", "roco", "snapkv"):
+        if policy in ("h2o", "tova", "roco", "snapkv", "lra", "lfa"):
             from vllm_kvevict.engine.page_runtime import current_runtime
 
             # Statistics were gathered for every request, and nothing had to move.

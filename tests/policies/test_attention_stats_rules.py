@@ -1,11 +1,12 @@
-"""Attention statistics and the scoring rules of h2o, tova, roco and snapkv on hand-computed cases."""
+"""Attention statistics and the scoring rules of h2o, tova, roco, snapkv, lra and lfa on
+hand-computed cases."""
 import math
 
 import pytest
 import torch
 
 from vllm_kvevict.algorithms.attention_stats import (NUM_STATS, PageAttentionStats, accumulate,
-                                                     page_attention_mass)
+                                                     attended, page_attention_mass)
 from vllm_kvevict.policies import get_policy
 
 
@@ -27,26 +28,45 @@ def test_page_mass_averages_the_query_heads_of_a_group():
     torch.testing.assert_close(mass, torch.tensor([[(3 / 4 + 1 / 2) / 2, (1 / 4 + 1 / 2) / 2]]))
 
 
-def test_accumulate_keeps_sum_squares_count_and_last_by_logical_page():
+def test_accumulate_keeps_sums_attendances_last_and_latest_use_by_logical_page():
     stats = torch.zeros(NUM_STATS, 4)
-    mass = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
-    seen = torch.tensor([[True, True, False], [True, True, True]])
-    accumulate(stats, torch.tensor([3, 0, 1]), mass, seen)  # columns hold pages 3, 0, 1
+    # Pages of 2 tokens; columns hold pages 3, 0, 1, 2; queries at positions 3 and 7.
+    key_positions = torch.tensor([[6, 7], [0, 1], [2, 3], [4, 5]])
+    mass = torch.tensor([[0.0, 0.3, 0.7, 0.0], [0.5, 0.2, 0.2, 0.1]])
+    accumulate(stats, torch.tensor([3, 0, 1, 2]), mass, key_positions, torch.tensor([3, 7]))
+    # Position 3 sees 4 tokens (pages 0, 1): even share 1/2, page 1 attended. Position 7 sees
+    # all 8: even share 1/4, page 3 attended. Latest use: the position of the last query that
+    # attended the page, else the page's first position (page 0: 0; page 2: 4).
     torch.testing.assert_close(stats, torch.tensor([
-        [0.8, 0.5, 0.0, 0.7],
-        [0.34, 0.25, 0.0, 0.29],
-        [2.0, 1.0, 0.0, 2.0],
-        [0.3, 0.5, 0.0, 0.2]]))
+        [0.5, 0.9, 0.1, 0.5],  # total
+        [0.13, 0.53, 0.01, 0.25],  # squares
+        [2.0, 2.0, 1.0, 1.0],  # count (position 3 does not see pages 2 and 3)
+        [0.0, 1.0, 0.0, 1.0],  # attended
+        [0.2, 0.2, 0.1, 0.5],  # last
+        [0.0, 3.0, 4.0, 7.0]]))  # latest use
 
 
-def _stats(total, squares, count, last, pinned, budget_pages=10):
+def test_attended_means_above_the_even_share_of_the_seen_tokens():
+    # Four pages; the query sees 2 + 2 + 2 + 1 = 7 tokens: even shares 2/7, 2/7, 2/7, 1/7.
+    seen = torch.tensor([2, 2, 2, 1])
+    mass = torch.tensor([0.30, 2 / 7, 0.27, 0.15])
+    assert attended(mass, seen).tolist() == [True, False, False, True]
+    # Exactly even attention, for any rounding: nothing is attended.
+    even = torch.full((5,), 0.2) * (1 + 1e-6)
+    assert not attended(even, torch.ones(5, dtype=torch.long)).any()
+
+
+def _stats(total, squares, count, last, pinned, budget_pages=10, attended=None,
+           last_attended=None):
     t = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
-    return PageAttentionStats(t(total), t(squares), t(count), t(last),
-                              torch.tensor(pinned), budget_pages)
+    zeros = [0.0] * len(total)
+    return PageAttentionStats(t(total), t(squares), t(count), t(attended or zeros), t(last),
+                              t(last_attended or zeros), torch.tensor(pinned), budget_pages)
 
 
 STATS = _stats(total=[3.0, 1.0, 0.4, 0.9, 2.0], squares=[3.0, 0.5, 0.08, 0.81, 2.0],
                count=[3, 2, 2, 1, 2], last=[0.1, 0.6, 0.2, 0.05, 0.05],
+               attended=[3, 0, 2, 1, 1], last_attended=[130, 32, 96, 140, 150],
                pinned=[True, False, False, False, True])
 
 
@@ -54,6 +74,8 @@ STATS = _stats(total=[3.0, 1.0, 0.4, 0.9, 2.0], squares=[3.0, 0.5, 0.08, 0.81, 2
     ("h2o", [3.0, 1.0, 0.4, 0.9, 2.0]),  # accumulated attention
     ("tova", [0.1, 0.6, 0.2, 0.05, 0.05]),  # the last query's attention
     ("snapkv", [3.0, 1.0, 0.4, 0.9, 2.0]),  # observation-window votes
+    ("lra", [130.0, 32.0, 96.0, 140.0, 150.0]),  # latest use
+    ("lfa", [3.0, 0.0, 2.0, 1.0, 1.0]),  # attendances
 ])
 def test_single_statistic_rules(name, expected):
     torch.testing.assert_close(get_policy(name).score(STATS), torch.tensor(expected))

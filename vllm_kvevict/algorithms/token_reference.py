@@ -1,4 +1,5 @@
-"""Token-level references of h2o, tova, roco and snapkv, and the page-level decisions they become.
+"""Token-level references of h2o, tova, roco, snapkv, lra and lfa, and the page-level decisions
+they become.
 
 Both simulate one layer of one request on the same inputs, the post-RoPE queries and keys of a
 sequence computed with full attention: the prompt ends at ``prompt_len`` and every later position
@@ -9,6 +10,8 @@ keep ``budget`` tokens from the prompt's end on, and pin the first ``sink`` and 
 * :func:`token_level_keep` follows the definitions token by token and KV head by KV head
   (EasyKV): each decode query's attention over the kept tokens (GQA: mean over the group) updates
   each token's statistics, and one token per head is evicted whenever the cache exceeds the budget.
+  lra/lfa: a query attends a token whose probability is above ``1 / n``, ``n`` the tokens the
+  head has kept and the query sees (with the margin of the page rule).
 * :func:`page_level_keep` uses the plugin's own scoring (:mod:`.attention_stats` and the
   policies' ``score``) on pages of ``page_size`` tokens, one decision per layer, as the engine does.
 
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvevict.algorithms.attention_stats import (NUM_STATS, PageAttentionStats, accumulate,
+from vllm_kvevict.algorithms.attention_stats import (ATTENDED, COUNT, LAST, LAST_ATTENDED,
+                                                     NUM_STATS, SQUARES, TOTAL, PageAttentionStats,
+                                                     accumulate, attended, latest_use,
                                                      page_attention_mass)
 from vllm_kvevict.algorithms.selection import topk_prefer_recent
 from vllm_kvevict.paging import cdiv
@@ -39,14 +44,14 @@ def _token_probs(query: torch.Tensor, keys: torch.Tensor, kept: torch.Tensor,
 
 def _single_score(policy: str, head_stats: torch.Tensor) -> torch.Tensor:
     """Per-token score (higher = keep) of the one-statistic rules from ``[NUM_STATS, T]``."""
-    total, _, _, last = head_stats
-    return last if policy == "tova" else total  # h2o, snapkv: accumulated attention
+    row = {"tova": LAST, "lra": LAST_ATTENDED, "lfa": ATTENDED}.get(policy, TOTAL)
+    return head_stats[row]  # h2o, snapkv: accumulated attention
 
 
 def _token_victim(policy: str, stats: torch.Tensor, kept: torch.Tensor, t: int, sink: int,
                   window: int, budget: int) -> int:
     """The token one KV head evicts at step ``t`` (all tokens ``<= t`` exist)."""
-    total, squares, count, last = stats
+    total, squares, count = stats[TOTAL], stats[SQUARES], stats[COUNT]
     positions = torch.arange(kept.numel())
     candidates = kept & (positions >= sink) & (positions <= t - window)
     if policy == "roco":
@@ -73,7 +78,7 @@ def token_level_keep(policy: str, queries: torch.Tensor, keys: torch.Tensor, pro
     positions = torch.arange(num_tokens)
     for t in range(prompt_len - observation_window, prompt_len):
         probs = _token_probs(queries[t], keys, kept & (positions <= t), scale)
-        _add(stats, probs, kept & (positions <= t))
+        _add(stats, probs, kept & (positions <= t), t)
     # The prompt's end: keep the budget by the same rule, one eviction at a time (scores do not
     # change meanwhile, so for a single score that is keeping the best at once).
     for head in range(num_kv_heads):
@@ -91,7 +96,7 @@ def token_level_keep(policy: str, queries: torch.Tensor, keys: torch.Tensor, pro
         kept[:, t] = True
         if policy != "snapkv":
             probs = _token_probs(queries[t], keys, kept & (positions <= t), scale)
-            _add(stats, probs, kept & (positions <= t))
+            _add(stats, probs, kept & (positions <= t), t)
         for head in range(num_kv_heads):
             if int(kept[head].sum()) > budget:
                 kept[head, _token_victim(policy, stats[head], kept[head], t, sink, window,
@@ -99,11 +104,18 @@ def token_level_keep(policy: str, queries: torch.Tensor, keys: torch.Tensor, pro
     return kept
 
 
-def _add(stats: torch.Tensor, probs: torch.Tensor, seen: torch.Tensor) -> None:
-    stats[:, 0] += probs
-    stats[:, 1] += probs * probs
-    stats[:, 2] += seen.float()
-    stats[:, 3] = torch.where(seen, probs, stats[:, 3])
+def _add(stats: torch.Tensor, probs: torch.Tensor, seen: torch.Tensor, t: int) -> None:
+    """Add the query at position ``t`` (``probs``/``seen`` ``[kv_heads, T]``) to each head's
+    token statistics ``[kv_heads, NUM_STATS, T]``."""
+    hit = attended(probs, seen.long())
+    stats[:, TOTAL] += probs
+    stats[:, SQUARES] += probs * probs
+    stats[:, COUNT] += seen.float()
+    stats[:, ATTENDED] += hit.float()
+    stats[:, LAST] = torch.where(seen, probs, stats[:, LAST])
+    use = latest_use(hit, seen.long(), torch.full(probs.shape[:1], t),
+                     torch.arange(probs.shape[-1]))
+    stats[:, LAST_ATTENDED] = torch.maximum(stats[:, LAST_ATTENDED], use)
 
 
 def page_level_keep(policy, queries: torch.Tensor, keys: torch.Tensor, prompt_len: int,
@@ -130,8 +142,7 @@ def page_level_keep(policy, queries: torch.Tensor, keys: torch.Tensor, prompt_le
         positions = torch.arange(first, last + 1)
         mass = page_attention_mass(queries[first:last + 1], page_keys[pages],
                                    key_positions[pages], positions, scale)
-        seen = key_positions[pages, 0].unsqueeze(0) <= positions.unsqueeze(1)
-        accumulate(stats, pages, mass, seen)
+        accumulate(stats, pages, mass, key_positions[pages], positions)
 
     def evict(seq_len: int) -> None:  # keep the budget's full pages, as the engine does
         num_full = seq_len // page_size
@@ -143,8 +154,7 @@ def page_level_keep(policy, queries: torch.Tensor, keys: torch.Tensor, prompt_le
         pages = full.nonzero().squeeze(1)
         window_full = window_pages - (1 if partial else 0)
         pinned = (pages < sink_pages) | (pages >= num_full - window_full)
-        view = PageAttentionStats(stats[0, pages], stats[1, pages], stats[2, pages],
-                                  stats[3, pages], pinned, budget_pages)
+        view = PageAttentionStats.of(stats[:, pages], pinned, budget_pages)
         scores = policy.score(view).float().masked_fill(pinned, float("inf"))
         held[pages] = False
         held[pages[topk_prefer_recent(scores, budget_pages)]] = True

@@ -10,8 +10,8 @@ import time
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-STATS_POLICIES = ["h2o", "tova", "roco", "snapkv"]
-ALL_POLICIES = ["none", "streamingllm", "h2o", "tova", "roco", "snapkv", "quest", "arkvale"]
+STATS_POLICIES = ["h2o", "tova", "roco", "snapkv", "lra", "lfa"]
+ALL_POLICIES = ["none", "streamingllm", *STATS_POLICIES, "quest", "arkvale"]
 
 # name -> (full settings, --quick settings)
 SETTINGS = {

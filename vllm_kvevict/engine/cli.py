@@ -158,8 +158,9 @@ def _add_cli_args(original, parser, *args, **kwargs):
                        help="arkvale: page digest, cuboid-mean (ArkVale, default) or cuboid-max "
                             "(min/max keys, as Quest).")
     group.add_argument("--kv-observation-window", type=int, default=None, metavar="TOKENS",
-                       help="h2o, tova, roco, snapkv: the last prompt queries whose attention "
-                            "scores the prompt's pages when it ends (SnapKV's window); "
+                       help="h2o, tova, roco, snapkv, lra, lfa: the last prompt queries whose "
+                            "attention scores the prompt's pages when it ends (SnapKV's "
+                            "window); "
                             f"{DEFAULT_OBSERVATION_WINDOW} when unset.")
     group.add_argument("--kv-recent-ratio", type=float, default=None, metavar="RATIO",
                        help="Share of --kv-budget held as the recent window (0..1); the window "

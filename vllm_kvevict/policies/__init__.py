@@ -7,6 +7,8 @@ policy's declared properties.
 from vllm_kvevict.policies.arkvale import ArkVale
 from vllm_kvevict.policies.base import AttentionStatsPolicy, EvictionPolicy, PageSelectionPolicy
 from vllm_kvevict.policies.h2o import H2O
+from vllm_kvevict.policies.lfa import LFA
+from vllm_kvevict.policies.lra import LRA
 from vllm_kvevict.policies.none import NoEviction
 from vllm_kvevict.policies.quest import Quest
 from vllm_kvevict.policies.roco import RoCo
@@ -16,12 +18,12 @@ from vllm_kvevict.policies.tova import TOVA
 
 POLICY_REGISTRY: dict[str, EvictionPolicy] = {
     policy.name: policy for policy in (NoEviction(), StreamingLLM(), ArkVale(), Quest(), H2O(),
-                                       TOVA(), RoCo(), SnapKV())
+                                       TOVA(), RoCo(), SnapKV(), LRA(), LFA())
 }
 
-__all__ = ["ArkVale", "AttentionStatsPolicy", "EvictionPolicy", "H2O", "NoEviction",
-           "PageSelectionPolicy", "POLICY_REGISTRY", "Quest", "RoCo", "SnapKV", "StreamingLLM", "TOVA",
-           "get_policy"]
+__all__ = ["ArkVale", "AttentionStatsPolicy", "EvictionPolicy", "H2O", "LFA", "LRA",
+           "NoEviction", "PageSelectionPolicy", "POLICY_REGISTRY", "Quest", "RoCo", "SnapKV",
+           "StreamingLLM", "TOVA", "get_policy"]
 
 
 def get_policy(name: str) -> EvictionPolicy:
