@@ -39,7 +39,7 @@ def cuda_adapted(args):
 # --- what a CUDA run gets --------------------------------------------------------------------
 
 
-EVICTING = ["streamingllm", "arkvale", "quest", "h2o", "tova", "roco", "snapkv"]
+EVICTING = ["streamingllm", "arkvale", "quest", "h2o", "tova", "roco", "snapkv", "lra", "lfa"]
 
 
 def test_every_evicting_policy_is_covered():
