@@ -12,11 +12,13 @@ last token) saves the linear layers for its own tokens and their attention over 
 so deeper blocks save more per byte; with every block of the pool the same size, the bytes drop
 out of the normalised term and only the depth matters.
 
-Cost of a choice: the candidates are bucketed by depth (one bucket per block position, so one
-efficiency per bucket) and each bucket keeps its members in recency order (two lazy heaps). The
-block with the lowest U in a bucket is its least recent one, so a choice compares one head per
-non-empty bucket: O(#depths in use), never a scan of the cached blocks. Min-max normalisation is
-exact: the oldest and newest candidate are among the buckets' heads and tails.
+Cost of a choice: the candidates are bucketed by depth (one efficiency per bucket) and each
+bucket keeps its members in recency order (two lazy heaps). The block with the lowest U in a
+bucket is its least recent one, so a choice compares one head per non-empty bucket, never a scan
+of the cached blocks. Min-max normalisation over the candidates is exact: the oldest and newest
+candidate are among the buckets' heads and tails. Buckets are depth classes, by default 4 per
+doubling of the depth (each scored by the efficiency at its lower edge), so a choice compares at
+most ~4 log2(max_model_len) heads; ``classes_per_octave=None`` gives one bucket per depth.
 
 Invariants (checked by ``check``):
 
@@ -31,9 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 from typing import Callable, Hashable
 
 Key = Hashable
+DEFAULT_CLASSES_PER_OCTAVE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,43 +89,27 @@ class BlockCost:
 
 
 class _Bucket:
-    """Candidates of one depth, in recency order (lazy min- and max-heaps over live stamps)."""
+    """Candidates of one depth class in recency order: a lazy min-heap over live stamps."""
 
-    __slots__ = ("efficiency", "live", "oldest_heap", "newest_heap")
+    __slots__ = ("efficiency", "live", "heap")
 
     def __init__(self, efficiency: float):
         self.efficiency = efficiency
         self.live: dict[int, int] = {}  # block id -> stamp
-        self.oldest_heap: list[tuple[int, int]] = []
-        self.newest_heap: list[tuple[int, int]] = []
+        self.heap: list[tuple[int, int]] = []  # (stamp, block id), stale entries dropped late
 
     def add(self, block_id: int, stamp: int) -> None:
         self.live[block_id] = stamp
-        heapq.heappush(self.oldest_heap, (stamp, block_id))
-        heapq.heappush(self.newest_heap, (-stamp, block_id))
-        if len(self.oldest_heap) > 2 * len(self.live) + 32:
-            self._compact()
-
-    def discard(self, block_id: int) -> None:
-        del self.live[block_id]  # heap entries go stale; dropped when they surface
+        heapq.heappush(self.heap, (stamp, block_id))
+        if len(self.heap) > 2 * len(self.live) + 32:
+            self.heap = [(s, b) for b, s in self.live.items()]
+            heapq.heapify(self.heap)
 
     def oldest(self) -> tuple[int, int]:
-        heap, live = self.oldest_heap, self.live
+        heap, live = self.heap, self.live
         while live.get(heap[0][1]) != heap[0][0]:
             heapq.heappop(heap)
         return heap[0]
-
-    def newest_stamp(self) -> int:
-        heap, live = self.newest_heap, self.live
-        while live.get(heap[0][1]) != -heap[0][0]:
-            heapq.heappop(heap)
-        return -heap[0][0]
-
-    def _compact(self) -> None:
-        self.oldest_heap = [(s, b) for b, s in self.live.items()]
-        self.newest_heap = [(-s, b) for b, s in self.live.items()]
-        heapq.heapify(self.oldest_heap)
-        heapq.heapify(self.newest_heap)
 
 
 class MarconiIndex:
@@ -134,11 +122,18 @@ class MarconiIndex:
     Args:
         efficiency: FLOPs saved per byte by a block whose prefix ends at a given token count.
         alpha: weight of the efficiency term (0: LRU among leaves).
+        classes_per_octave: depth resolution of the buckets: depths are grouped in
+            ``classes_per_octave`` classes per doubling, each scored by the efficiency at its
+            lower edge (``None``: one bucket per depth, exact). Fewer buckets make a choice
+            cheaper; inside a class the least recent block goes first.
     """
 
-    def __init__(self, efficiency: Callable[[int], float], alpha: float = 0.0):
+    def __init__(self, efficiency: Callable[[int], float], alpha: float = 0.0,
+                 classes_per_octave: int | None = DEFAULT_CLASSES_PER_OCTAVE):
         self.efficiency = efficiency
         self.alpha = alpha
+        self.classes_per_octave = classes_per_octave
+        self._class_of: dict[int, int] = {}  # depth (tokens) -> bucket key (memo)
         self._key: dict[int, Key] = {}
         self._parent: dict[int, Key | None] = {}
         self._tokens: dict[int, int] = {}
@@ -147,6 +142,7 @@ class MarconiIndex:
         self._free: dict[int, int] = {}  # free cached block id -> stamp of its release
         self._buckets: dict[int, _Bucket] = {}  # depth (tokens) -> candidates
         self._candidate_depth: dict[int, int] = {}
+        self._newest: list[tuple[int, int]] = []  # (-stamp, block id) of candidates, lazy
         self._clock = 0
 
     # --- what happens to blocks -----------------------------------------------------------
@@ -210,7 +206,7 @@ class MarconiIndex:
     def clear(self) -> list[int]:
         """Forget every key (prefix cache reset); returns the block ids that were free."""
         free = list(self._free)
-        self.__init__(self.efficiency, self.alpha)
+        self.__init__(self.efficiency, self.alpha, self.classes_per_octave)
         return free
 
     # --- the choice ------------------------------------------------------------------------
@@ -232,19 +228,23 @@ class MarconiIndex:
         return victim
 
     def _lowest_utility(self) -> int:
-        heads = [(bucket.oldest(), bucket) for bucket in self._buckets.values()]
-        if len(heads) == 1:
-            return heads[0][0][1]
-        r_min = min(stamp for (stamp, _), _ in heads)
-        r_span = max(bucket.newest_stamp() for _, bucket in heads) - r_min or 1
-        efficiencies = [bucket.efficiency for _, bucket in heads]
+        buckets = list(self._buckets.values())
+        heads = [bucket.oldest() for bucket in buckets]
+        if len(buckets) == 1:
+            return heads[0][1]
+        r_min = min(heads)[0]
+        newest, free, depth_of = self._newest, self._free, self._candidate_depth
+        while newest[0][1] not in depth_of or free[newest[0][1]] != -newest[0][0]:
+            heapq.heappop(newest)
+        r_span = -newest[0][0] - r_min or 1
+        efficiencies = [bucket.efficiency for bucket in buckets]
         e_min = min(efficiencies)
         e_span = (max(efficiencies) - e_min) or 1.0
-        alpha = self.alpha
-        best = min(heads, key=lambda head: ((head[0][0] - r_min) / r_span
-                                            + alpha * (head[1].efficiency - e_min) / e_span,
-                                            head[0][0]))
-        return best[0][1]
+        # U * r_span = (stamp - r_min) + weight * (efficiency - e_min): rank by stamp + weight * e
+        weight = self.alpha * r_span / e_span
+        best = min(range(len(buckets)),
+                   key=lambda i: (heads[i][0] + weight * efficiencies[i], heads[i][0]))
+        return heads[best][1]
 
     def utility(self, block_id: int) -> float:
         """U of a candidate, normalised over the current candidates (tests, diagnostics)."""
@@ -303,17 +303,33 @@ class MarconiIndex:
     def _maybe_candidate(self, block_id: int) -> None:
         if (block_id in self._free and block_id not in self._candidate_depth
                 and self._children.get(self._key[block_id], 0) == 0):
-            depth = self._tokens[block_id]
+            depth = self._depth_class(self._tokens[block_id])
             bucket = self._buckets.get(depth)
             if bucket is None:
                 bucket = self._buckets[depth] = _Bucket(self.efficiency(depth))
-            bucket.add(block_id, self._free[block_id])
+            stamp = self._free[block_id]
+            bucket.add(block_id, stamp)
             self._candidate_depth[block_id] = depth
+            heapq.heappush(self._newest, (-stamp, block_id))
+            if len(self._newest) > 2 * len(self._candidate_depth) + 32:
+                self._newest = [(-self._free[b], b) for b in self._candidate_depth]
+                heapq.heapify(self._newest)
+
+    def _depth_class(self, tokens: int) -> int:
+        """The bucket's depth: ``tokens`` itself, or the lower edge of its class."""
+        if self.classes_per_octave is None:
+            return tokens
+        edge = self._class_of.get(tokens)
+        if edge is None:
+            steps = math.floor(math.log2(tokens) * self.classes_per_octave + 1e-9)
+            edge = self._class_of[tokens] = min(tokens, math.ceil(
+                2 ** (steps / self.classes_per_octave) - 1e-9))
+        return edge
 
     def _leave_candidates(self, block_id: int) -> None:
         depth = self._candidate_depth.pop(block_id, None)
         if depth is not None:
             bucket = self._buckets[depth]
-            bucket.discard(block_id)
+            del bucket.live[block_id]  # its heap entries go stale, dropped when they surface
             if not bucket.live:
                 del self._buckets[depth]
