@@ -3,6 +3,12 @@
 Every route ends in ``VllmConfig.additional_config["kv_eviction"]``, a plain dict holding only the
 keys the user set (``policy``, ``budget``, ``sink_tokens``, ``window_tokens``); it pickles into
 the engine core and the workers, which re-read it with ``EvictionConfig.from_vllm_config``.
+The ``--prefix-cache-*`` flags and ``prefix_cache_*`` keywords end in
+``additional_config["prefix_cache"]`` the same way (``PrefixCacheConfig``); under ``lru`` (the
+default) that entry is dropped and nothing changes, under ``marconi`` the resolved config names
+the plugin's scheduler class, which builds vLLM's scheduler over the Marconi block pool
+(``engine/prefix_cache.py``). ``marconi`` with an evicting ``--kv-eviction-policy`` is refused:
+those switch prefix caching off.
 
 Hook points (all installed by :func:`install`, idempotent):
 

@@ -20,7 +20,7 @@ from typing import Callable, Hashable, Sequence
 from vllm_kvevict.prefix_cache.marconi import MarconiIndex
 
 DEFAULT_ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
-DEFAULT_TUNE_WINDOW = 64
+DEFAULT_TUNE_WINDOW = 32
 
 
 def replay(requests: Sequence[Sequence[Hashable]], alpha: float, capacity: int,
