@@ -282,6 +282,8 @@ def allocation_benchmark(num_blocks: int, num_requests: int, repeats: int = 5) -
             spent, calls, blocks = 0.0, 0, 0
             for n, chain in enumerate(stream):
                 request = types.SimpleNamespace(request_id=f"r{n}", block_hashes=chain)
+                if name != "lru":
+                    pool.note_request(request)  # what the scheduler's add_request does
                 hit = []
                 while len(hit) < len(chain):
                     found = pool.get_cached_block(chain[len(hit)], [0])

@@ -11,8 +11,9 @@ Installed only under ``marconi`` (``lru`` installs nothing): ``cli.py`` points
   blocks live in a :class:`~vllm_kvevict.prefix_cache.marconi.MarconiIndex`, which gives up the
   lowest-utility leaf once the plain ones are used up;
 * ``cache_full_blocks`` tells the index each new cached block's parent (the request's previous
-  block hash) and records the request for alpha tuning; ``_remove_cached_block_hashes`` tells it
-  a key is gone (a free block whose key is dropped, e.g. by a KV connector, becomes plain).
+  block hash); ``_remove_cached_block_hashes`` tells it a key is gone (a free block whose key is
+  dropped, e.g. by a KV connector, becomes plain);
+* the scheduler's ``add_request`` shows each arriving request to the pool's alpha tuner.
 """
 from __future__ import annotations
 
@@ -123,6 +124,9 @@ class MarconiBlockPool(BlockPool):
                                       block_size, kv_cache_group_id, block_mask)
         finally:
             self._parents.clear()
+
+    def note_request(self, request) -> None:
+        """A request arrived: its (growing) hash chain joins the tuning window."""
         if self.tuner is not None and self.tuner.record(request.request_id,
                                                         request.block_hashes):
             self._tune()
@@ -189,24 +193,26 @@ def _marconi_pool(vllm_config, kv_cache_config, block_size: int):
     logger.info("vllm-kvevict: prefix cache gives up blocks by marconi, %s", how)
 
 
-class MarconiScheduler(Scheduler):
+class _MarconiSchedulerMixin:
+    """Builds the KV-cache manager over a :class:`MarconiBlockPool`; shows it each request."""
+
+    def __init__(self, vllm_config, kv_cache_config, structured_output_manager, block_size,
+                 *args, **kwargs):
+        with _marconi_pool(vllm_config, kv_cache_config, block_size):
+            super().__init__(vllm_config, kv_cache_config, structured_output_manager,
+                             block_size, *args, **kwargs)
+
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        self.kv_cache_manager.block_pool.note_request(request)
+
+
+class MarconiScheduler(_MarconiSchedulerMixin, Scheduler):
     """vLLM's scheduler over a :class:`MarconiBlockPool`."""
 
-    def __init__(self, vllm_config, kv_cache_config, structured_output_manager, block_size,
-                 *args, **kwargs):
-        with _marconi_pool(vllm_config, kv_cache_config, block_size):
-            super().__init__(vllm_config, kv_cache_config, structured_output_manager,
-                             block_size, *args, **kwargs)
 
-
-class MarconiAsyncScheduler(AsyncScheduler):
+class MarconiAsyncScheduler(_MarconiSchedulerMixin, AsyncScheduler):
     """vLLM's async scheduler over a :class:`MarconiBlockPool`."""
-
-    def __init__(self, vllm_config, kv_cache_config, structured_output_manager, block_size,
-                 *args, **kwargs):
-        with _marconi_pool(vllm_config, kv_cache_config, block_size):
-            super().__init__(vllm_config, kv_cache_config, structured_output_manager,
-                             block_size, *args, **kwargs)
 
 
 def scheduler_qualname(async_scheduling: bool) -> str:
