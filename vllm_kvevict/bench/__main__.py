@@ -55,7 +55,7 @@ SETTINGS = {
                 "system_words": 350, "turn_words": 110, "oneoff_words": 600, "num_docs": 4,
                 "num_systems": 3, "num_conversations": 3, "alloc_blocks": 4096,
                 "alloc_requests": 1000},
-               {"policies": ["lru", "marconi"], "num_requests": 12, "num_blocks": 32,
+               {"policies": ["lru", "marconi"], "num_requests": 12, "num_blocks": 40,
                 "max_model_len": 1024, "max_tokens": 4, "concurrency": 2, "doc_words": 200,
                 "system_words": 100, "turn_words": 40, "oneoff_words": 150, "num_docs": 2,
                 "num_systems": 1, "num_conversations": 1, "alloc_blocks": 256,
