@@ -47,7 +47,9 @@ class BlockCost:
     Dense decoder layers: per token ``2 * (d * (H + 2 * KV) * hd + H * hd * d + 3 * d * I)``
     for the QKV, output and gated-MLP projections; attention of a token at position ``p`` over
     ``p + 1`` tokens costs ``4 * H * hd * (p + 1)`` (scores and weighted values). The logits are
-    not counted: prefill computes them for the last token only.
+    not counted: prefill computes them for the last token only. For hybrid models the attention
+    term counts the attending layers only and every layer is costed as dense projections (an
+    approximation of SSM mixers).
     """
 
     num_layers: int
@@ -58,12 +60,16 @@ class BlockCost:
     intermediate_size: int
     block_size: int
     bytes_per_block: int
+    num_attention_layers: int | None = None  # hybrids: the layers that attend (None: all)
 
     @classmethod
     def from_hf_config(cls, config, block_size: int, bytes_per_block: int) -> "BlockCost":
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        layer_types = getattr(config, "layer_types", None) or ()
+        attending = sum(kind in ("full_attention", "attention") for kind in layer_types)
         return cls(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                   num_attention_layers=attending or None,
                    num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", heads),
                    head_dim=head_dim,
                    intermediate_size=getattr(config, "intermediate_size", 4 * config.hidden_size),
@@ -80,7 +86,8 @@ class BlockCost:
         start = max(0, end_tokens - self.block_size)
         # sum of (p + 1) for p in [start, end_tokens)
         attended = (end_tokens * (end_tokens + 1) - start * (start + 1)) // 2
-        attention = 4 * self.num_layers * self.num_heads * self.head_dim * attended
+        layers = self.num_attention_layers or self.num_layers
+        attention = 4 * layers * self.num_heads * self.head_dim * attended
         return (end_tokens - start) * self.linear_flops_per_token + attention
 
     def efficiency(self, end_tokens: int) -> float:
