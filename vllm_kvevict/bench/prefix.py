@@ -60,12 +60,13 @@ def _text(rng: random.Random, num_words: int) -> str:
 
 def make_trace(num_requests: int, doc_words: int, system_words: int, turn_words: int,
                oneoff_words: int, num_docs: int, num_systems: int, num_conversations: int,
-               seed: int = 0) -> list[dict]:
+               seed: int = 0, max_conversation_words: int | None = None) -> list[dict]:
     """The requests in order: ``{"kind", "tenant", "prompt"}``.
 
     Shares: one-offs 35%, documents 25% (popularity falling with the index, as Zipf), system
     prompts 20%, conversation turns 20%. Words are drawn from a fixed list, so a prompt of n
-    words is about 1.3 n tokens.
+    words is about 1.3 n tokens. A conversation that would pass ``max_conversation_words``
+    starts over as a new session (a new first line, so nothing is shared with the old one).
     """
     rng = random.Random(seed)
     docs = [f"Document {i}.\n{_text(rng, doc_words)}\n" for i in range(num_docs)]
@@ -90,6 +91,9 @@ def make_trace(num_requests: int, doc_words: int, system_words: int, turn_words:
         else:
             i = rng.randrange(num_conversations)
             kind, tenant = "conversation", f"conversation{i}"
+            if (max_conversation_words is not None and len(conversations[i].split())
+                    + 2 * turn_words > max_conversation_words):
+                conversations[i] = f"Conversation {i}, session {n}.\n"
             conversations[i] += f"User: {_text(rng, turn_words)}\n"
             prompt = conversations[i] + "Assistant:"
             conversations[i] = prompt + f" {_text(rng, turn_words // 2)}\n"
@@ -181,8 +185,10 @@ def run(model_path: str, out_dir: str, policies: list[str], num_requests: int,
         alloc_requests: int) -> dict:
     from vllm_kvevict.bench.throughput import _serve_with
 
+    # ~1.3 tokens per word; keep every conversation turn inside max_model_len
     trace = make_trace(num_requests, doc_words, system_words, turn_words, oneoff_words,
-                       num_docs, num_systems, num_conversations)
+                       num_docs, num_systems, num_conversations,
+                       max_conversation_words=int((max_model_len - max_tokens - 64) / 1.5))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

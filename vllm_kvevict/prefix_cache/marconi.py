@@ -253,16 +253,6 @@ class MarconiIndex:
                    key=lambda i: (heads[i][0] + weight * efficiencies[i], heads[i][0]))
         return heads[best][1]
 
-    def utility(self, block_id: int) -> float:
-        """U of a candidate, normalised over the current candidates (tests, diagnostics)."""
-        stamps = [s for b in self._buckets.values() for s in b.live.values()]
-        effs = [b.efficiency for b in self._buckets.values()]
-        r_span = (max(stamps) - min(stamps)) or 1
-        e_span = (max(effs) - min(effs)) or 1.0
-        bucket = self._buckets[self._candidate_depth[block_id]]
-        return ((self._free[block_id] - min(stamps)) / r_span
-                + self.alpha * (bucket.efficiency - min(effs)) / e_span)
-
     # --- state -----------------------------------------------------------------------------
 
     @property
