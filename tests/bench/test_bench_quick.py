@@ -9,7 +9,7 @@ import pytest
 pytestmark = pytest.mark.engine
 
 NAMES = ["passkey", "policies", "reference", "perplexity", "latency", "recall", "throughput",
-         "throughput-decode"]
+         "throughput-decode", "prefix"]
 
 
 def test_all_benchmarks_quick(tmp_path, model_path):
@@ -22,7 +22,7 @@ def test_all_benchmarks_quick(tmp_path, model_path):
         payload = json.loads((tmp_path / f"{name}.json").read_text())
         assert payload["environment"]["vllm"] and payload["environment"]["machine"]
         table = (tmp_path / f"{name}.md").read_text()
-        assert "| none" in table or name in ("recall", "reference")
+        assert "| none" in table or name in ("recall", "reference", "prefix")
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     latency = json.loads((tmp_path / "latency.json").read_text())["results"]
     assert [(r["policy"], r["prompt_tokens"]) for r in latency] == [
@@ -38,6 +38,13 @@ def test_all_benchmarks_quick(tmp_path, model_path):
                for r in decode)
     policies = json.loads((tmp_path / "policies.json").read_text())["cells"]
     assert [c["policy"] for c in policies] == ["none", "h2o", "tova", "roco", "snapkv"]
+    prefix = json.loads((tmp_path / "prefix.json").read_text())
+    assert [r["policy"] for r in prefix["results"]] == ["lru", "marconi"]
+    for r in prefix["results"]:
+        assert 0 < r["token_hit_rate"] < 1 and r["ttft_p95_ms"] >= r["ttft_p50_ms"] > 0
+        assert r["prefill_tokens_computed"] == r["prompt_tokens"] - r["cached_prompt_tokens"] > 0
+    assert [a["pool"] for a in prefix["allocation"]] == ["lru", "marconi", "marconi:1.0"]
+    assert all(a["us_per_call"] > 0 for a in prefix["allocation"])
     perplexity = json.loads((tmp_path / "perplexity.json").read_text())["results"]
     assert all(1 < r["perplexity"] < 1000 for r in perplexity)
 

@@ -100,6 +100,17 @@ def test_help_section_by_one_word(serve_parser, capsys, keyword):
     assert "--block-size" not in shown
 
 
+def test_help_section_of_prefix_cache_eviction(serve_parser, capsys):
+    from vllm_kvevict.engine.cli import PREFIX_GROUP_TITLE
+
+    shown = serve_help(serve_parser, capsys, "--help=prefixcacheeviction")
+    assert shown.startswith(f"{PREFIX_GROUP_TITLE}:\n")
+    flags = sorted(set(re.findall(r"^\s+(--prefix-[a-z-]+)", shown, re.MULTILINE)))
+    assert "--kv-budget" not in shown
+    assert flags == ["--prefix-cache-alpha", "--prefix-cache-eviction-policy",
+                     "--prefix-cache-tune-window"]
+
+
 def test_help_lists_the_section(serve_parser, capsys):
     """Plain `vllm serve --help` lists the section by the name `--help=` takes."""
     shown = serve_help(serve_parser, capsys, "--help")

@@ -49,6 +49,17 @@ SETTINGS = {
                           {"num_requests": 4, "prompt_tokens": 300, "max_tokens": 24,
                            "budget": 256, "num_blocks": 40,
                            "policies": ["none", "streamingllm", "arkvale"]}),
+    # Prefix-cache eviction (lru vs marconi) on a multi-tenant trace through `vllm serve`.
+    "prefix": ({"policies": ["lru", "marconi"], "num_requests": 80, "num_blocks": 128,
+                "max_model_len": 2048, "max_tokens": 8, "concurrency": 2, "doc_words": 1100,
+                "system_words": 350, "turn_words": 110, "oneoff_words": 600, "num_docs": 4,
+                "num_systems": 3, "num_conversations": 3, "alloc_blocks": 4096,
+                "alloc_requests": 1000},
+               {"policies": ["lru", "marconi"], "num_requests": 12, "num_blocks": 40,
+                "max_model_len": 1024, "max_tokens": 4, "concurrency": 2, "doc_words": 200,
+                "system_words": 100, "turn_words": 40, "oneoff_words": 150, "num_docs": 2,
+                "num_systems": 1, "num_conversations": 1, "alloc_blocks": 256,
+                "alloc_requests": 50}),
     # Triton kernels on synthetic K/V (GPU; --quick runs them through the interpreter on CPU).
     "kernels": ({"contexts": [8192, 32768, 131072], "batches": [1, 8, 32],
                  "budgets": [1024, 2048, 4096], "page_size": 32, "num_q_heads": 32,
@@ -65,11 +76,12 @@ def _runner(name: str):
         from vllm_kvevict.bench import kernels
 
         return kernels.run
-    from vllm_kvevict.bench import latency, passkey, perplexity, recall, reference, throughput
+    from vllm_kvevict.bench import (latency, passkey, perplexity, prefix, recall, reference,
+                                    throughput)
 
     return {"passkey": passkey.run, "policies": functools.partial(passkey.run, name="policies"),
             "reference": reference.run, "perplexity": perplexity.run, "latency": latency.run,
-            "recall": recall.run, "throughput": throughput.run,
+            "recall": recall.run, "throughput": throughput.run, "prefix": prefix.run,
             "throughput-decode": functools.partial(throughput.run, name="throughput-decode")}[name]
 
 

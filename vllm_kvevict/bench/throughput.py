@@ -41,15 +41,22 @@ def _free_port() -> int:
 
 def _serve(model_path: str, policy: str, budget: int | None, num_blocks: int,
            max_model_len: int, log_path: Path):
+    flags = ["--kv-eviction-policy", policy]
+    if policy != "none":
+        flags += ["--kv-budget", str(budget)]
+    return _serve_with(model_path, num_blocks, max_model_len, log_path, flags)
+
+
+def _serve_with(model_path: str, num_blocks: int, max_model_len: int, log_path: Path,
+                flags: list[str]):
+    """``vllm serve`` the model as "m" on a free port with ``flags``; returns (process, url)."""
     import requests
 
     port = _free_port()
     args = [str(Path(sys.executable).with_name("vllm")), "serve", model_path, "--host",
             "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len), "--enforce-eager",
             "--served-model-name", "m", "--block-size", str(BLOCK_SIZE),
-            "--num-gpu-blocks-override", str(num_blocks), "--kv-eviction-policy", policy]
-    if policy != "none":
-        args += ["--kv-budget", str(budget)]
+            "--num-gpu-blocks-override", str(num_blocks), *flags]
     log = open(log_path, "w")
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"))

@@ -3,6 +3,12 @@
 Every route ends in ``VllmConfig.additional_config["kv_eviction"]``, a plain dict holding only the
 keys the user set (``policy``, ``budget``, ``sink_tokens``, ``window_tokens``); it pickles into
 the engine core and the workers, which re-read it with ``EvictionConfig.from_vllm_config``.
+The ``--prefix-cache-*`` flags and ``prefix_cache_*`` keywords end in
+``additional_config["prefix_cache"]`` the same way (``PrefixCacheConfig``); under ``lru`` (the
+default) that entry is dropped and nothing changes, under ``marconi`` the resolved config names
+the plugin's scheduler class, which builds vLLM's scheduler over the Marconi block pool
+(``engine/prefix_cache.py``). ``marconi`` with an evicting ``--kv-eviction-policy`` is refused:
+those switch prefix caching off.
 
 Hook points (all installed by :func:`install`, idempotent):
 
@@ -37,6 +43,9 @@ from vllm_kvevict.config import (ADDITIONAL_CONFIG_KEY, DEFAULT_BUDGET_TOKENS,
                                  DEFAULT_WINDOW_TOKENS, DIGEST_KINDS,
                                  EvictionConfig, EvictionConfigError)
 from vllm_kvevict.engine.patching import wrap_method
+from vllm_kvevict.prefix_cache.config import (PREFIX_CACHE_KEY, PREFIX_CACHE_POLICIES,
+                                              PrefixCacheConfig)
+from vllm_kvevict.prefix_cache.tuning import DEFAULT_TUNE_WINDOW
 
 # argparse dest / LLM keyword -> key in additional_config["kv_eviction"]
 SETTINGS = {
@@ -51,8 +60,15 @@ SETTINGS = {
     "kv_observation_window": "observation_window",
     "kv_recent_ratio": "recent_ratio",
 }
-# One word: vLLM's `--help=<section>` matches a group by its whole title, case-insensitively.
+# argparse dest / LLM keyword -> key in additional_config["prefix_cache"]
+PREFIX_SETTINGS = {
+    "prefix_cache_eviction_policy": "eviction_policy",
+    "prefix_cache_alpha": "alpha",
+    "prefix_cache_tune_window": "tune_window",
+}
+# One word each: vLLM's `--help=<section>` matches a group by its whole title, case-insensitively.
 GROUP_TITLE = "KVEviction"
+PREFIX_GROUP_TITLE = "PrefixCacheEviction"
 ERROR_PREFIX = "vllm-kvevict: error: "
 SERVE_MODULE = "vllm.entrypoints.cli.serve"
 
@@ -83,25 +99,47 @@ def install() -> None:
 # --- settings ------------------------------------------------------------------------------
 
 
-def given_settings(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``kv_*`` entries of ``values`` that were set, keyed as in ``additional_config``."""
-    return {key: values[name] for name, key in SETTINGS.items() if values.get(name) is not None}
+def given_settings(values: Mapping[str, Any],
+                   table: Mapping[str, str] = SETTINGS) -> dict[str, Any]:
+    """The entries of ``values`` named in ``table`` (``kv_*`` by default) that were set, keyed
+    as in ``additional_config``."""
+    return {key: values[name] for name, key in table.items() if values.get(name) is not None}
 
 
 def merge_settings(additional_config: Mapping[str, Any] | None,
-                   given: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``additional_config`` whose kv_eviction entry is updated with ``given``.
+                   given: Mapping[str, Any],
+                   entry: str = ADDITIONAL_CONFIG_KEY) -> dict[str, Any]:
+    """A copy of ``additional_config`` whose ``entry`` (kv_eviction by default) is updated
+    with ``given``.
 
-    ``given`` wins over keys already there (flags beat ``--additional-config.kv_eviction.*``).
+    ``given`` wins over keys already there (flags beat ``--additional-config.<entry>.*``).
     """
     merged = dict(additional_config or {})
     if given:
-        current = merged.get(ADDITIONAL_CONFIG_KEY) or {}
+        current = merged.get(entry) or {}
         if not isinstance(current, Mapping):
             raise EvictionConfigError(
-                f"--additional-config.{ADDITIONAL_CONFIG_KEY} must be a mapping, got {current!r}")
-        merged[ADDITIONAL_CONFIG_KEY] = {**current, **given}
+                f"--additional-config.{entry} must be a mapping, got {current!r}")
+        merged[entry] = {**current, **given}
     return merged
+
+
+def merge_all_settings(additional_config: Mapping[str, Any] | None,
+                       values: Mapping[str, Any]) -> dict[str, Any]:
+    """``additional_config`` with both the ``kv_*`` and the ``prefix_cache_*`` values set."""
+    merged = merge_settings(additional_config, given_settings(values))
+    return merge_settings(merged, given_settings(values, PREFIX_SETTINGS), PREFIX_CACHE_KEY)
+
+
+def check_settings(additional_config: Mapping[str, Any] | None) -> None:
+    """Validate both entries and the combination (raises :class:`EvictionConfigError`)."""
+    config = eviction_config(additional_config)
+    prefix = PrefixCacheConfig.from_additional_config(additional_config)
+    if config.evicts and not prefix.is_stock:
+        raise EvictionConfigError(
+            f"--prefix-cache-eviction-policy {prefix.eviction_policy} needs vLLM's prefix cache, "
+            f"which --kv-eviction-policy {config.policy} switches off (evicted blocks cannot be "
+            f"shared between requests); use one of the two")
 
 
 def eviction_config(additional_config: Mapping[str, Any] | None) -> EvictionConfig:
@@ -165,15 +203,31 @@ def _add_cli_args(original, parser, *args, **kwargs):
     group.add_argument("--kv-recent-ratio", type=float, default=None, metavar="RATIO",
                        help="Share of --kv-budget held as the recent window (0..1); the window "
                             "is the larger of this and --kv-window-tokens.")
+    prefix = parser.add_argument_group(
+        PREFIX_GROUP_TITLE, "vllm-kvevict: which cached blocks of finished requests vLLM's prefix "
+        "cache gives up when it needs a free block (not to be confused with --kv-eviction-policy, "
+        "which drops a running request's tokens). Also accepted as --additional-config.prefix_cache."
+        "<setting> (eviction_policy, alpha, tune_window); these flags win over it.")
+    prefix.add_argument("--prefix-cache-eviction-policy", choices=PREFIX_CACHE_POLICIES,
+                        default=None,
+                        help="lru: vLLM's own least-recently-used order (default, stock vLLM); "
+                             "marconi: lowest recency + alpha * FLOPs-saved-per-byte among "
+                             "cached blocks no other cached block depends on (Marconi, "
+                             "MLSys'25). Needs prefix caching, so --kv-eviction-policy none.")
+    prefix.add_argument("--prefix-cache-alpha", type=float, default=None, metavar="ALPHA",
+                        help="marconi: fixed weight of FLOPs per byte against recency; unset: "
+                             "tuned online by replaying recent requests over 0..2.")
+    prefix.add_argument("--prefix-cache-tune-window", type=int, default=None,
+                        metavar="REQUESTS",
+                        help="marconi: requests per tuning window (alpha is re-tuned each time "
+                             f"one fills); {DEFAULT_TUNE_WINDOW} when unset.")
     return parser
 
 
 def _from_cli_args(original, cls, args: argparse.Namespace):
     engine_args = original(cls, args)
-    given = given_settings(vars(args))
-    if given:
-        engine_args.additional_config = merge_settings(engine_args.additional_config, given)
-    eviction_config(engine_args.additional_config)
+    engine_args.additional_config = merge_all_settings(engine_args.additional_config, vars(args))
+    check_settings(engine_args.additional_config)
     return engine_args
 
 
@@ -188,9 +242,9 @@ def _serve_cmd(original, args: argparse.Namespace, *rest, **kwargs):
     (``--api-server-count``) receive ``args`` and call ``from_cli_args`` before they load plugins.
     """
     try:
-        given = given_settings(vars(args))
-        args.additional_config = merge_settings(getattr(args, "additional_config", None), given)
-        eviction_config(args.additional_config)
+        args.additional_config = merge_all_settings(getattr(args, "additional_config", None),
+                                                    vars(args))
+        check_settings(args.additional_config)
         return original(args, *rest, **kwargs)
     except EvictionConfigError as error:
         print(f"{ERROR_PREFIX}{error}", file=sys.stderr, flush=True)
@@ -214,13 +268,12 @@ def _init_with_keywords(original, self, *args, **kwargs):
     {"kv_eviction": {...}})`` needs no such call: it is read in ``create_engine_config``, which
     runs after ``__post_init__`` loaded the plugin.
     """
-    given = {key: kwargs.pop(name) for name, key in SETTINGS.items() if name in kwargs}
-    given = {key: value for key, value in given.items() if value is not None}
-    if given:
-        kwargs["additional_config"] = merge_settings(kwargs.get("additional_config"), given)
+    values = {name: kwargs.pop(name) for name in [*SETTINGS, *PREFIX_SETTINGS] if name in kwargs}
+    if any(value is not None for value in values.values()):
+        kwargs["additional_config"] = merge_all_settings(kwargs.get("additional_config"), values)
     original(self, *args, **kwargs)
-    if given:
-        eviction_config(self.additional_config)
+    if values:
+        check_settings(self.additional_config)
 
 
 # --- engine config -------------------------------------------------------------------------
@@ -240,7 +293,15 @@ def _create_engine_config(original, self, *args, **kwargs):
     """
     from vllm.platforms import current_platform
 
+    check_settings(self.additional_config)
     config = eviction_config(self.additional_config)
+    prefix = PrefixCacheConfig.from_additional_config(self.additional_config)
+    if prefix.is_stock and PREFIX_CACHE_KEY in (self.additional_config or {}):
+        # lru: drop our entry, as for policy none below.
+        self.additional_config = {k: v for k, v in self.additional_config.items()
+                                  if k != PREFIX_CACHE_KEY}
+    if not prefix.is_stock:
+        return _marconi_engine_config(original, self, prefix, *args, **kwargs)
     if not config.evicts:
         # Policy none: drop our entry so the VllmConfig (and its hash) is stock vLLM's.
         if ADDITIONAL_CONFIG_KEY in (self.additional_config or {}):
@@ -251,6 +312,26 @@ def _create_engine_config(original, self, *args, **kwargs):
     vllm_config = original(self, *args, **kwargs)
     layout = config.layout(vllm_config.cache_config.block_size)  # raises if the budget is short
     _log_resolution(config, layout, prefix_caching_request)
+    return vllm_config
+
+
+def _marconi_engine_config(original, self, prefix: PrefixCacheConfig, *args, **kwargs):
+    """Stock vLLM's config with the scheduler that builds the Marconi block pool; refuses what
+    would leave it without a prefix cache or replace that scheduler."""
+    flag = f"--prefix-cache-eviction-policy {prefix.eviction_policy}"
+    if self.enable_prefix_caching is False:
+        raise EvictionConfigError(f"{flag} needs prefix caching; drop --no-enable-prefix-caching")
+    if self.scheduler_cls is not None:
+        raise EvictionConfigError(f"{flag} runs its own scheduler class (vLLM's, over its block "
+                                  f"pool); drop --scheduler-cls {self.scheduler_cls}")
+    vllm_config = original(self, *args, **kwargs)
+    if not vllm_config.cache_config.enable_prefix_caching:
+        raise EvictionConfigError(f"{flag} needs prefix caching, which vLLM turned off for "
+                                  f"{vllm_config.model_config.model}")
+    from vllm_kvevict.engine.prefix_cache import scheduler_qualname
+
+    scheduler = vllm_config.scheduler_config
+    scheduler.scheduler_cls = scheduler_qualname(bool(scheduler.async_scheduling))
     return vllm_config
 
 
