@@ -49,6 +49,13 @@ SETTINGS = {
                           {"num_requests": 4, "prompt_tokens": 300, "max_tokens": 24,
                            "budget": 256, "num_blocks": 40,
                            "policies": ["none", "streamingllm", "arkvale"]}),
+    # Reliability: a seeded mix of traffic, bad input and client aborts per policy (`vllm serve`).
+    "soak": ({"num_requests": 1000, "concurrency": 32, "max_model_len": 512, "budget": 256,
+              "num_blocks": 96, "host_pages": 64, "time_limit_s": 300,
+              "policies": ["none", "streamingllm", "arkvale", "h2o", "quest"]},
+             {"num_requests": 40, "concurrency": 8, "max_model_len": 512, "budget": 256,
+              "num_blocks": 40, "host_pages": 24, "time_limit_s": 150,
+              "policies": ["none", "arkvale", "h2o"]}),
     # Triton kernels on synthetic K/V (GPU; --quick runs them through the interpreter on CPU).
     "kernels": ({"contexts": [8192, 32768, 131072], "batches": [1, 8, 32],
                  "budgets": [1024, 2048, 4096], "page_size": 32, "num_q_heads": 32,
@@ -56,8 +63,9 @@ SETTINGS = {
                 {"contexts": [256], "batches": [2], "budgets": [64], "page_size": 16,
                  "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 32, "repeats": 1}),
 }
-# Not part of `all`: it needs a GPU to mean anything, and no model.
-NOT_IN_ALL = {"kernels"}
+# Not part of `all`: kernels needs a GPU to mean anything, and no model; soak has its own test
+# and takes about 20 minutes at its defaults.
+NOT_IN_ALL = {"kernels", "soak"}
 
 
 def _runner(name: str):
@@ -65,11 +73,12 @@ def _runner(name: str):
         from vllm_kvevict.bench import kernels
 
         return kernels.run
-    from vllm_kvevict.bench import latency, passkey, perplexity, recall, reference, throughput
+    from vllm_kvevict.bench import (latency, passkey, perplexity, recall, reference, soak,
+                                    throughput)
 
     return {"passkey": passkey.run, "policies": functools.partial(passkey.run, name="policies"),
             "reference": reference.run, "perplexity": perplexity.run, "latency": latency.run,
-            "recall": recall.run, "throughput": throughput.run,
+            "recall": recall.run, "throughput": throughput.run, "soak": soak.run,
             "throughput-decode": functools.partial(throughput.run, name="throughput-decode")}[name]
 
 

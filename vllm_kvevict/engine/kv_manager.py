@@ -37,6 +37,8 @@ class EvictingAttentionManager(FullAttentionManager):
         self.host_pages = kv_cache_spec.host_pages
         self.host_reserved: dict[str, int] = {}
         self.host_reserved_total = 0
+        self.host_reserved_peak = 0  # high-water mark of host_reserved_total (soak reports)
+        self.host_full_refusals = 0  # allocations refused for host room (soak reports)
         self._check_prompt_fits(kv_cache_spec.max_model_len)
         if self.host_pages:
             self._check_host_fits(kv_cache_spec.max_model_len)
@@ -66,6 +68,7 @@ class EvictingAttentionManager(FullAttentionManager):
         num_blocks = super().get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs)
         if self.host_pages and self._host_shortfall(request_id, num_tokens) > 0:
             # More than any pool can give: the scheduler waits or preempts, as for a full cache.
+            self.host_full_refusals += 1
             return self.block_pool.num_gpu_blocks + 1
         return num_blocks
 
@@ -76,6 +79,7 @@ class EvictingAttentionManager(FullAttentionManager):
             if need > before:
                 self.host_reserved[request_id] = need
                 self.host_reserved_total += need - before
+                self.host_reserved_peak = max(self.host_reserved_peak, self.host_reserved_total)
         return super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
 
     def free(self, request_id: str) -> None:

@@ -26,6 +26,7 @@ from vllm.logger import init_logger
 
 from vllm_kvevict.attention_pages import AttentionStatsRuntime
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.engine.faults import install_fault
 from vllm_kvevict.engine.patching import wrap_method
 from vllm_kvevict.pages import BlockFormat, HostPageStore, PageRuntime, RowInput
 from vllm_kvevict.paging import cdiv
@@ -77,6 +78,7 @@ def create_runtime(config: EvictionConfig, spec, layer_names: list[str]) -> Page
                 spec.sink_pages + spec.window_pages + spec.top_k_pages, spec.sink_pages,
                 spec.window_pages, spec.top_k_pages,
                 "them only" if _runtime.sparse_attention else "all resident pages", spec.host_pages)
+    install_fault(_runtime)
     return _runtime
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from vllm_kvevict.engine import backend, cli, kv_spec, vllm_fixes
+    from vllm_kvevict.engine import backend, cli, diagnostics, kv_spec, vllm_fixes
 
     vllm_fixes.install()
+    diagnostics.install()
     cli.install()
     kv_spec.register_spec()
     backend.register_backend()
