@@ -20,7 +20,7 @@ def soak(tmp_path_factory, model_path):
                             text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (out / "soak.png").stat().st_size > 1000
-    assert "| arkvale@256" in (out / "soak.md").read_text()
+    assert "| arkvale@192" in (out / "soak.md").read_text()
     return json.loads((out / "soak.json").read_text())
 
 

@@ -50,11 +50,11 @@ SETTINGS = {
                            "budget": 256, "num_blocks": 40,
                            "policies": ["none", "streamingllm", "arkvale"]}),
     # Reliability: a seeded mix of traffic, bad input and client aborts per policy (`vllm serve`).
-    "soak": ({"num_requests": 1000, "concurrency": 32, "max_model_len": 512, "budget": 256,
-              "num_blocks": 96, "host_pages": 64, "time_limit_s": 300,
+    "soak": ({"num_requests": 1000, "concurrency": 32, "max_model_len": 384, "budget": 192,
+              "num_blocks": 72, "host_pages": 48, "time_limit_s": 240,
               "policies": ["none", "streamingllm", "arkvale", "h2o", "quest"]},
-             {"num_requests": 40, "concurrency": 8, "max_model_len": 512, "budget": 256,
-              "num_blocks": 40, "host_pages": 24, "time_limit_s": 150,
+             {"num_requests": 40, "concurrency": 8, "max_model_len": 384, "budget": 192,
+              "num_blocks": 30, "host_pages": 16, "time_limit_s": 150,
               "policies": ["none", "arkvale", "h2o"]}),
     # Triton kernels on synthetic K/V (GPU; --quick runs them through the interpreter on CPU).
     "kernels": ({"contexts": [8192, 32768, 131072], "batches": [1, 8, 32],

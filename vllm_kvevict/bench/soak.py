@@ -272,7 +272,7 @@ def soak_one(model_path: str, policy: str, specs: list[Spec], prompts: list[str]
         flags += ["--kv-budget", str(settings["budget"])]
     host_gib = None
     if policy == "arkvale":  # a store of host_pages pages (30 layers of [32, 3 heads, 2 x 64] bf16)
-        host_gib = settings["host_pages"] * settings["page_bytes"] / 2**30
+        host_gib = (settings["host_pages"] + 0.5) * settings["page_bytes"] / 2**30
         flags += ["--kv-host-space", f"{host_gib:.9f}"]
     process, base = start_server(model_path, flags, log_path, env={"VLLM_SERVER_DEV_MODE": "1"})
     samples, stop, done = [], threading.Event(), [0]
@@ -442,7 +442,7 @@ def _logprob_gap(base: str, prompt_ids: list[int], token: int, other: int) -> fl
 def run(model_path: str, out_dir: str, num_requests: int, concurrency: int, max_model_len: int,
         budget: int, num_blocks: int, host_pages: int, policies: list[str],
         time_limit_s: float, seed: int = 0, sample_every_s: float = 1.0,
-        tie_nats: float = 0.25) -> dict:
+        tie_nats: float = 0.5) -> dict:
     from transformers import AutoTokenizer
 
     if "none" not in policies:
