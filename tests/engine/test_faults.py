@@ -56,6 +56,17 @@ def test_recall_fault_fires_on_host_selection_after_n(monkeypatch):
     assert runtime.calls == [("select", 0, False), ("select", 0, True), ("select", 1, True)]
 
 
+def test_scoring_fault_fires_on_every_selection(monkeypatch):
+    monkeypatch.setenv(FAULT_ENV, "scoring:1")
+    runtime = FakeRuntime()
+    install_fault(runtime)
+    runtime._select(0, None, None, None, from_host=False)  # as PageRuntime calls it
+    with pytest.raises(InjectedFault, match="scoring"):
+        runtime._select(1, None, None, None, from_host=True)
+    runtime.before_attention(0, None, None, Plan(2))  # other points unwrapped
+    assert runtime.calls == [("select", 0, False), ("before", 0)]
+
+
 def test_backup_fault_fires_only_with_pages_to_back_up(monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "backup")
     runtime = FakeRuntime()

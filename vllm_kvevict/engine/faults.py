@@ -49,13 +49,13 @@ def install_fault(runtime) -> None:
 
     if isinstance(runtime, AttentionStatsRuntime):
         if point == "scoring":
-            _wrap(runtime, "_observe", point, after, lambda *args: True)
+            _wrap(runtime, "_observe", point, after, lambda *args, **kwargs: True)
         return
     if point == "backup":
         _wrap(runtime, "before_attention", point, after,
               lambda layer, query, kv_cache, plan: plan.backup_blocks.numel() > 0)
     elif point == "scoring":
-        _wrap(runtime, "_select", point, after, lambda *args: True)
+        _wrap(runtime, "_select", point, after, lambda *args, **kwargs: True)
     elif runtime.recalls:  # recall: selection over host copies
         _wrap(runtime, "_select", point, after,
               lambda layer, query, kv_cache, batch, from_host: from_host)

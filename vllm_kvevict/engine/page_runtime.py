@@ -68,6 +68,7 @@ def create_runtime(config: EvictionConfig, spec, layer_names: list[str]) -> Page
                     "attention statistics; observation window %d prompt queries)",
                     config.policy, spec.budget_pages, spec.sink_pages, spec.window_pages,
                     spec.top_k_pages, config.observation_window)
+        install_fault(_runtime)
         return _runtime
     store = HostPageStore(spec.host_pages, len(layer_names))
     _runtime = PageRuntime(spec.layout, policy, policy.digest or config.digest,
