@@ -20,7 +20,9 @@ of RSS against completed requests after the first tenth); p50/p99 latency of com
 
 Correctness: a request is *covered* when its prompt and ``max_tokens`` fit the budget, so no
 policy evicts from it. Greedy (``temperature=0``, ``n=1``) covered requests that completed under
-a policy and under ``none`` are compared text by text (``equal_to_none``).
+a policy and under ``none`` are compared token by token (``equal_to_none``); where they differ,
+``none``'s server (run last and kept up for this) scores the first differing position, and the
+difference must be a near-tie (:func:`compare_with_none`).
 """
 from __future__ import annotations
 
