@@ -26,11 +26,8 @@ difference must be a near-tie (:func:`compare_with_none`).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import random
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,226 +35,10 @@ from pathlib import Path
 
 from vllm_kvevict.bench.common import (BLOCK_SIZE, environment, label, markdown_table,
                                        start_server, stop_server, write_results)
-
-PREEMPTIONS = re.compile(r'^vllm:num_preemptions_total\{[^}]*\}\s+([0-9.e+]+)', re.M)
-RUNNING = re.compile(r'^vllm:num_requests_(running|waiting)\{[^}]*\}\s+([0-9.e+]+)', re.M)
-BAD_KINDS = ("too_long", "temperature", "top_p", "max_tokens", "n")
-WORDS = ("river stone light paper window garden music number orange cloud silver market "
-         "letter summer engine forest bridge candle yellow travel winter doctor planet "
-         "island mirror pocket rabbit ticket violin wonder").split()
-
-
-@dataclasses.dataclass
-class Spec:
-    """One request of the mix."""
-    index: int
-    api: str  # "completion" | "chat"
-    stream: bool
-    prompt_tokens: int  # target length (the server reports the real one)
-    max_tokens: int
-    n: int = 1
-    stop: list[str] | None = None
-    action: str = "normal"  # normal | disconnect | abort | bad
-    bad: str | None = None
-    abort_after_s: float = 0.0
-
-    @property
-    def greedy(self) -> bool:
-        return self.n == 1 and self.action == "normal"
-
-
-def make_mix(num_requests: int, max_model_len: int, seed: int) -> list[Spec]:
-    """The seeded request mix (see the module docstring)."""
-    rng = random.Random(seed)
-    specs = []
-    for i in range(num_requests):
-        max_tokens = 1 if rng.random() < 0.1 else rng.choice([4, 8, 16, 32, 64])
-        room = max_model_len - max_tokens - 40  # chat template and tokenization slack
-        if i % 40 >= 34:  # a burst of 6 long prompts in every 40
-            length = rng.randint(room // 2, room)
-        else:
-            length = int(math.exp(rng.uniform(math.log(3), math.log(room))))
-        spec = Spec(i, "chat" if rng.random() < 0.4 else "completion", rng.random() < 0.5,
-                    length, max_tokens)
-        roll = rng.random()
-        if roll < 0.08:
-            spec.n = 2
-        elif roll < 0.20:
-            spec.stop = [rng.choice([".", "\n", " the"])]
-        roll = rng.random()
-        if roll < 0.08 and spec.stream:
-            spec.action, spec.max_tokens = "disconnect", max(spec.max_tokens, 16)
-        elif roll < 0.10 and not spec.stream:
-            spec.action, spec.abort_after_s = "abort", rng.uniform(0.05, 1.0)
-        elif roll < 0.13:
-            spec.action, spec.bad = "bad", rng.choice(BAD_KINDS)
-        specs.append(spec)
-    return specs
-
-
-def prompt_text(tokenizer, spec: Spec, max_model_len: int) -> str:
-    """A prompt of about ``spec.prompt_tokens`` tokens (past ``max_model_len`` for a too-long
-    bad request), distinct from its first line (no prefix reuse between requests)."""
-    rng = random.Random(spec.index)
-    target = max_model_len + 64 if spec.bad == "too_long" else spec.prompt_tokens
-    head = f"Request {spec.index}."
-    words = [rng.choice(WORDS) for _ in range(target)]
-    ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
-    body = tokenizer.decode(ids[:max(0, target - 4)])
-    return f"{head}\n{body}" if body else head
-
-
-def payload(spec: Spec, prompt: str) -> tuple[str, dict]:
-    body = {"model": "m", "max_tokens": spec.max_tokens, "temperature": 0.0, "n": spec.n,
-            "stream": spec.stream, "return_token_ids": True}
-    if spec.n > 1:
-        body.update(temperature=0.8, seed=spec.index)
-    if spec.stop:
-        body["stop"] = spec.stop
-    if spec.stream:
-        body["stream_options"] = {"include_usage": True}
-    if spec.bad == "temperature":
-        body["temperature"] = -1.0
-    elif spec.bad == "top_p":
-        body["top_p"] = 1.5
-    elif spec.bad == "max_tokens":
-        body["max_tokens"] = -3
-    elif spec.bad == "n":
-        body["n"] = 0
-    if spec.api == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
-        return "/v1/chat/completions", body
-    body["prompt"] = prompt
-    return "/v1/completions", body
-
-
-def _text(choice: dict, chat: bool, delta: bool) -> str:
-    if not chat:
-        return choice.get("text") or ""
-    part = choice.get("delta" if delta else "message") or {}
-    return part.get("content") or ""
-
-
-def send(base: str, spec: Spec, prompt: str) -> dict:
-    """Run one request; returns its outcome (status, texts, usage, latency, errors)."""
-    import requests
-
-    path, body = payload(spec, prompt)
-    chat = spec.api == "chat"
-    out = {"index": spec.index, "status": None, "outcome": "completed", "texts": None,
-           "prompt_tokens": None, "error": None, "prompt_ids": None, "token_ids": []}
-    start = time.perf_counter()
-    timeout = (10, spec.abort_after_s) if spec.action == "abort" else (10, 900)
-    try:
-        response = requests.post(base + path, json=body, stream=spec.stream, timeout=timeout)
-        out["status"] = response.status_code
-        if response.status_code != 200:
-            out["outcome"] = "rejected"
-            try:
-                out["error"] = response.json().get("error", {}).get("message")
-            except ValueError:
-                out["error"] = response.text[:300]
-            return out
-        texts = [""] * spec.n
-        if not spec.stream:
-            reply = response.json()
-            for choice in reply["choices"]:
-                texts[choice["index"]] = _text(choice, chat, delta=False)
-            _take_ids(out, reply)
-            out["prompt_tokens"] = reply["usage"]["prompt_tokens"]
-        else:
-            chunks = 0
-            for line in response.iter_lines():
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    out["outcome"], out["error"] = "stream_error", str(event["error"])[:300]
-                    return out
-                _take_ids(out, event)
-                for choice in event.get("choices") or ():
-                    piece = _text(choice, chat, delta=True)
-                    texts[choice["index"]] += piece
-                    chunks += bool(piece)
-                if event.get("usage"):
-                    out["prompt_tokens"] = event["usage"]["prompt_tokens"]
-                if spec.action == "disconnect" and chunks >= 2:
-                    response.close()
-                    out["outcome"] = "disconnected"
-                    return out
-        out["texts"] = texts
-        out["latency_s"] = time.perf_counter() - start
-    except requests.exceptions.ReadTimeout:
-        out["outcome"] = "aborted" if spec.action == "abort" else "timeout"
-    except requests.exceptions.RequestException as e:
-        out["outcome"], out["error"] = "connection_error", f"{type(e).__name__}: {e}"[:300]
-    return out
-
-
-def _take_ids(out: dict, reply: dict) -> None:
-    """Prompt and first-choice token ids of a response or stream event (``return_token_ids``:
-    the prompt's on the response (chat) or on the choice (completions))."""
-    if reply.get("prompt_token_ids"):
-        out["prompt_ids"] = reply["prompt_token_ids"]
-    for choice in reply.get("choices") or ():
-        if choice.get("prompt_token_ids"):
-            out["prompt_ids"] = choice["prompt_token_ids"]
-        if choice.get("index") == 0 and choice.get("token_ids"):
-            out["token_ids"] += choice["token_ids"]
-
-
-def plugin_state(base: str) -> list[dict] | None:
-    """Every rank's :func:`vllm_kvevict.engine.diagnostics.plugin_state` (None if unreachable)."""
-    import requests
-
-    try:
-        reply = requests.post(f"{base}/collective_rpc", json={"method": "kvevict_state"},
-                              timeout=30)
-        return reply.json()["results"] if reply.status_code == 200 else None
-    except (requests.RequestException, ValueError, KeyError):
-        return None
-
-
-def metric(base: str, pattern: re.Pattern) -> list[tuple[str, float]]:
-    import requests
-
-    text = requests.get(f"{base}/metrics", timeout=10).text
-    return [(m.group(1), float(m.group(m.lastindex))) for m in pattern.finditer(text)]
-
-
-def process_tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants (API server, engine core, workers)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        total = root.memory_info().rss
-        for child in root.children(recursive=True):
-            try:
-                total += child.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-    except psutil.Error:
-        return 0
-
-
-def rss_growth_per_1000(samples: list[dict], num_requests: int) -> float:
-    """Least-squares slope of RSS (MiB) against completed requests, after the first tenth."""
-    points = [(s["done"], s["rss_mib"]) for s in samples if s["done"] >= num_requests / 10]
-    if len(points) < 3 or points[-1][0] == points[0][0]:
-        return float("nan")
-    mx = sum(x for x, _ in points) / len(points)
-    my = sum(y for _, y in points) / len(points)
-    var = sum((x - mx) ** 2 for x, _ in points)
-    return 1000 * sum((x - mx) * (y - my) for x, y in points) / var if var else float("nan")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+from vllm_kvevict.bench.soak_probes import (PREEMPTIONS, compare_with_none, metric, percentile,
+                                            plugin_state, process_tree_rss, rss_growth_per_1000,
+                                            settled_state, wait_idle)
+from vllm_kvevict.bench.soak_traffic import Spec, make_mix, prompt_text, send
 
 
 def soak_one(model_path: str, policy: str, specs: list[Spec], prompts: list[str], settings: dict,
@@ -302,10 +83,10 @@ def soak_one(model_path: str, policy: str, specs: list[Spec], prompts: list[str]
         with ThreadPoolExecutor(settings["concurrency"]) as pool:
             results = list(pool.map(run, specs))
         elapsed = time.perf_counter() - start
-        drained = _wait_idle(base, process)
+        drained = wait_idle(base, process)
         stop.set()
         watcher.join()
-        states = _settled_state(base)
+        states = settled_state(base)
         preemptions = sum(v for _, v in metric(base, PREEMPTIONS))
         healthy = process.poll() is None and requests.get(f"{base}/health",
                                                           timeout=10).status_code == 200
@@ -357,88 +138,6 @@ def soak_one(model_path: str, policy: str, specs: list[Spec], prompts: list[str]
         "prompt_tokens": {str(spec.index): r["prompt_tokens"] for spec, r in zip(specs, results)
                           if r is not None and r["prompt_tokens"] is not None},
     }
-
-
-def _wait_idle(base: str, process, timeout_s: float = 120) -> bool:
-    """Wait until the server runs and queues nothing (aborts reach the engine asynchronously)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if all(v == 0 for _, v in metric(base, RUNNING)):
-                return True
-        except Exception:  # noqa: BLE001 - a dead server is reported by the caller
-            return False
-        time.sleep(0.5)
-    return False
-
-
-def _settled_state(base: str, timeout_s: float = 30) -> list[dict] | None:
-    """The plugin state once requests are gone: finished requests reach the workers with the
-    engine's next step, so poll briefly until it is empty (or report what stays)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        states = plugin_state(base)
-        empty = states is not None and all(
-            s["requests"] == 0 and s["host_used_bytes"] == 0 and s["scheduler"]["requests"] == 0
-            and s["scheduler"]["blocks_in_use"] == 0 and s["scheduler"]["host_reserved_pages"] == 0
-            for s in states)
-        if empty or time.monotonic() > deadline:
-            return states
-        time.sleep(0.5)
-
-
-def compare_with_none(rows: list[dict], specs: list[Spec], budget: int, none_base: str,
-                      tie_nats: float) -> None:
-    """Fill each row's comparison with ``none`` over covered greedy requests.
-
-    ``equal_to_none``: same tokens. A request that differs is looked at where it first differs:
-    ``none``'s server (``none_base``, still running) scores that position alone; the two tokens
-    chosen there are a near-tie if their log-probabilities are within ``tie_nats`` (CPU kernels
-    are not batch-invariant, so a different batch can flip a near-tie, under ``none`` too).
-    ``beyond_tie`` counts the others, which no batch effect explains (must be 0).
-    """
-    base = next(r for r in rows if r["policy"] == "none")["greedy"]
-    max_tokens = {str(spec.index): spec.max_tokens for spec in specs}
-    for row in rows:
-        compared, mismatches = 0, []
-        for key, out in row["greedy"].items():
-            ref = base.get(key)
-            if ref is None or not ref["prompt_ids"] or ref["prompt_ids"] != out["prompt_ids"]:
-                continue
-            if len(ref["prompt_ids"]) + max_tokens[key] > budget:
-                continue  # not covered: the policy may evict from it
-            compared += 1
-            mine, theirs = out["token_ids"], ref["token_ids"]
-            if mine == theirs:
-                continue
-            at = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b),
-                      min(len(mine), len(theirs)))
-            gap = None
-            if at < min(len(mine), len(theirs)):
-                gap = _logprob_gap(none_base, ref["prompt_ids"] + theirs[:at], mine[at], theirs[at])
-            mismatches.append({"index": int(key), "prompt_tokens": len(ref["prompt_ids"]),
-                               "at_token": at, "gap_nats": gap, "text": out["text"][:80],
-                               "none": ref["text"][:80]})
-        row["covered_compared"], row["mismatches"] = compared, mismatches
-        row["equal_to_none"] = compared - len(mismatches)
-        row["near_tie"] = sum(m["gap_nats"] is not None and m["gap_nats"] <= tie_nats
-                              for m in mismatches)
-        row["beyond_tie"] = len(mismatches) - row["near_tie"]
-        row["max_gap_nats"] = max((m["gap_nats"] for m in mismatches
-                                   if m["gap_nats"] is not None), default=0.0)
-
-
-def _logprob_gap(base: str, prompt_ids: list[int], token: int, other: int) -> float:
-    """|log p(token) - log p(other)| for the next token after ``prompt_ids`` (inf if either is
-    not among the 20 most likely)."""
-    import requests
-
-    reply = requests.post(f"{base}/v1/completions", timeout=300, json={
-        "model": "m", "prompt": prompt_ids, "max_tokens": 1, "temperature": 0, "logprobs": 20,
-        "return_tokens_as_token_ids": True}).json()
-    top = reply["choices"][0]["logprobs"]["top_logprobs"][0]
-    a, b = top.get(f"token_id:{token}"), top.get(f"token_id:{other}")
-    return abs(a - b) if a is not None and b is not None else float("inf")
 
 
 def run(model_path: str, out_dir: str, num_requests: int, concurrency: int, max_model_len: int,
