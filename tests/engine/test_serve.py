@@ -76,3 +76,31 @@ def test_passkey_recalled_through_the_server(client, server, model_path):
         assert time.monotonic() < deadline, "no page statistics line in the server log"
         time.sleep(1)
     assert "vllm-kvevict: arkvale selects up to 12 pages per step and layer" in server[1].read_text()
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"prompt": "FILLER", "max_tokens": 8}, "maximum context length"),
+    ({"prompt": "Hi", "max_tokens": 4, "temperature": -1}, "temperature"),
+    ({"prompt": "Hi", "max_tokens": 4, "top_p": 1.5}, "top_p"),
+    ({"prompt": "Hi", "max_tokens": -3}, "max_tokens"),
+    ({"prompt": "Hi", "max_tokens": 4, "n": 0}, "n"),
+])
+def test_bad_input_gets_a_4xx_and_leaves_the_server_healthy(server, body, message):
+    """vLLM's own validation answers bad requests under the plugin (a prompt past
+    --max-model-len included: the plugin's start-up check already made every prompt that fits
+    --max-model-len fit the KV pool under full prefill)."""
+    import requests
+
+    from vllm_kvevict.eval.passkey import FILLER
+
+    base = server[0]
+    if body["prompt"] == "FILLER":
+        body = dict(body, prompt=FILLER * 400)  # well past 8192 tokens
+    reply = requests.post(f"{base}/v1/completions", json={"model": "smollm2", **body}, timeout=120)
+    assert 400 <= reply.status_code < 500, reply.text[:300]
+    error = reply.json()["error"]
+    assert message in error["message"], error
+    assert requests.get(f"{base}/health", timeout=10).status_code == 200
+    ok = requests.post(f"{base}/v1/completions", timeout=120, json={
+        "model": "smollm2", "prompt": "The capital of France is", "max_tokens": 4})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"]

@@ -60,6 +60,13 @@ SETTINGS = {
                 "system_words": 100, "turn_words": 40, "oneoff_words": 150, "num_docs": 2,
                 "num_systems": 1, "num_conversations": 1, "alloc_blocks": 256,
                 "alloc_requests": 50}),
+    # Reliability: a seeded mix of traffic, bad input and client aborts per policy (`vllm serve`).
+    "soak": ({"num_requests": 1000, "concurrency": 32, "max_model_len": 384, "budget": 192,
+              "num_blocks": 72, "host_pages": 48, "time_limit_s": 240,
+              "policies": ["none", "streamingllm", "arkvale", "h2o", "quest"]},
+             {"num_requests": 40, "concurrency": 8, "max_model_len": 384, "budget": 192,
+              "num_blocks": 30, "host_pages": 16, "time_limit_s": 150,
+              "policies": ["none", "arkvale", "h2o"]}),
     # Triton kernels on synthetic K/V (GPU; --quick runs them through the interpreter on CPU).
     "kernels": ({"contexts": [8192, 32768, 131072], "batches": [1, 8, 32],
                  "budgets": [1024, 2048, 4096], "page_size": 32, "num_q_heads": 32,
@@ -67,8 +74,9 @@ SETTINGS = {
                 {"contexts": [256], "batches": [2], "budgets": [64], "page_size": 16,
                  "num_q_heads": 4, "num_kv_heads": 2, "head_dim": 32, "repeats": 1}),
 }
-# Not part of `all`: it needs a GPU to mean anything, and no model.
-NOT_IN_ALL = {"kernels"}
+# Not part of `all`: kernels needs a GPU to mean anything, and no model; soak has its own test
+# and takes about 20 minutes at its defaults.
+NOT_IN_ALL = {"kernels", "soak"}
 
 
 def _runner(name: str):
@@ -77,11 +85,12 @@ def _runner(name: str):
 
         return kernels.run
     from vllm_kvevict.bench import (latency, passkey, perplexity, prefix, recall, reference,
-                                    throughput)
+                                    soak, throughput)
 
     return {"passkey": passkey.run, "policies": functools.partial(passkey.run, name="policies"),
             "reference": reference.run, "perplexity": perplexity.run, "latency": latency.run,
             "recall": recall.run, "throughput": throughput.run, "prefix": prefix.run,
+            "soak": soak.run,
             "throughput-decode": functools.partial(throughput.run, name="throughput-decode")}[name]
 
 

@@ -108,3 +108,57 @@ def bar_plot(names: list[str], values: list[float], ylabel: str, title: str, pat
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(model_path: str, flags: list[str], log_path: str | Path,
+                 env: dict[str, str] | None = None, timeout_s: float = 600):
+    """``vllm serve model_path --host 127.0.0.1 --port P --served-model-name m *flags``, waited
+    for until ``/health`` answers 200; returns ``(process, base_url)``."""
+    import subprocess
+    import sys
+
+    import requests
+
+    port = free_port()
+    args = [str(Path(sys.executable).with_name("vllm")), "serve", model_path, "--host",
+            "127.0.0.1", "--port", str(port), "--served-model-name", "m", *flags]
+    log_path = Path(log_path)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=dict(
+            os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", **(env or {})))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"vllm serve exited: {log_path.read_text()[-2000:]}")
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                return process, base
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"vllm serve did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(1)
+
+
+def stop_server(process) -> int:
+    """Terminate ``process`` (killed if it does not exit within a minute); its exit code."""
+    import subprocess
+
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

@@ -17,26 +17,16 @@ would measure prefix reuse, not eviction.
 """
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vllm_kvevict.bench.common import (BLOCK_SIZE, environment, label, markdown_table,
-                                       write_results)
+                                       start_server, stop_server, write_results)
 
 RUNNING = re.compile(r'^vllm:num_requests_running\{[^}]*\}\s+([0-9.e+]+)', re.M)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _serve(model_path: str, policy: str, budget: int | None, num_blocks: int,
@@ -49,31 +39,11 @@ def _serve(model_path: str, policy: str, budget: int | None, num_blocks: int,
 
 def _serve_with(model_path: str, num_blocks: int, max_model_len: int, log_path: Path,
                 flags: list[str]):
-    """``vllm serve`` the model as "m" on a free port with ``flags``; returns (process, url)."""
-    import requests
-
-    port = _free_port()
-    args = [str(Path(sys.executable).with_name("vllm")), "serve", model_path, "--host",
-            "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len), "--enforce-eager",
-            "--served-model-name", "m", "--block-size", str(BLOCK_SIZE),
-            "--num-gpu-blocks-override", str(num_blocks), *flags]
-    log = open(log_path, "w")
-    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                               env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"vllm serve exited: {log_path.read_text()[-2000:]}")
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                return process, base
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"vllm serve did not start: {log_path.read_text()[-2000:]}")
-        time.sleep(1)
+    """``vllm serve`` the model as "m" with a pool of ``num_blocks`` and ``flags``; returns
+    (process, url)."""
+    return start_server(model_path, ["--max-model-len", str(max_model_len), "--enforce-eager",
+                                     "--block-size", str(BLOCK_SIZE), "--num-gpu-blocks-override",
+                                     str(num_blocks), *flags], log_path)
 
 
 def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
@@ -169,8 +139,7 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
             _load(base, prompts[:1], 4)  # warm-up
             result = _load(base, prompts, max_tokens)
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            stop_server(process)
         rows.append({"policy": policy, "budget": b, **result})
     (out / f"{name}-server.log").unlink(missing_ok=True)
     base_row = next(r for r in rows if r["policy"] == "none")

@@ -30,9 +30,9 @@ class EvictingAttentionManager(FullAttentionManager):
     request (whose host pages are released when the workers hear of it, before they run the next
     step). Invariant: the sum of reservations never exceeds ``host_pages``.
 
-    ``host_store_refusals`` counts those refusals for the metrics: ``waited`` once per waiting
-    request kept out (until it is admitted), ``preempted`` once per refusal of a running
-    request (each costs one preemption).
+    Counted: ``host_full_refusals``, every refusal; ``host_store_refusals`` (the metrics),
+    ``waited`` once per waiting request kept out (until it is admitted) and ``preempted`` once
+    per refusal of a running request (each costs one preemption); ``host_reserved_peak``.
     """
 
     def __init__(self, kv_cache_spec, **kwargs) -> None:
@@ -43,6 +43,8 @@ class EvictingAttentionManager(FullAttentionManager):
         self.host_reserved_total = 0
         self.host_store_refusals = {"waited": 0, "preempted": 0}
         self._kept_waiting: set[str] = set()
+        self.host_reserved_peak = 0  # high-water mark of host_reserved_total
+        self.host_full_refusals = 0
         self._check_prompt_fits(kv_cache_spec.max_model_len)
         if self.host_pages:
             self._check_host_fits(kv_cache_spec.max_model_len)
@@ -84,6 +86,7 @@ class EvictingAttentionManager(FullAttentionManager):
             if need > before:
                 self.host_reserved[request_id] = need
                 self.host_reserved_total += need - before
+                self.host_reserved_peak = max(self.host_reserved_peak, self.host_reserved_total)
         return super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
 
     def free(self, request_id: str) -> None:
@@ -92,6 +95,7 @@ class EvictingAttentionManager(FullAttentionManager):
         super().free(request_id)
 
     def _count_refusal(self, request_id: str) -> None:
+        self.host_full_refusals += 1
         if self.req_to_blocks.get(request_id):
             self.host_store_refusals["preempted"] += 1
         elif request_id not in self._kept_waiting:

@@ -27,6 +27,7 @@ from vllm.logger import init_logger
 
 from vllm_kvevict.attention_pages import AttentionStatsRuntime
 from vllm_kvevict.config import EvictionConfig
+from vllm_kvevict.engine.faults import install_fault
 from vllm_kvevict.engine.metrics import StepMetrics
 from vllm_kvevict.engine.patching import wrap_method
 from vllm_kvevict.pages import BlockFormat, HostPageStore, PageRuntime, RowInput
@@ -78,6 +79,7 @@ def _new_runtime(config: EvictionConfig, spec, layer_names: list[str]) -> PageRu
                     "attention statistics; observation window %d prompt queries)",
                     config.policy, spec.budget_pages, spec.sink_pages, spec.window_pages,
                     spec.top_k_pages, config.observation_window)
+        install_fault(_runtime)
         return _runtime
     store = HostPageStore(spec.host_pages, len(layer_names))
     _runtime = PageRuntime(spec.layout, policy, policy.digest or config.digest,
@@ -88,6 +90,7 @@ def _new_runtime(config: EvictionConfig, spec, layer_names: list[str]) -> PageRu
                 spec.sink_pages + spec.window_pages + spec.top_k_pages, spec.sink_pages,
                 spec.window_pages, spec.top_k_pages,
                 "them only" if _runtime.sparse_attention else "all resident pages", spec.host_pages)
+    install_fault(_runtime)
     return _runtime
 
 

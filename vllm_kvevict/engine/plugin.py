@@ -12,9 +12,11 @@ from __future__ import annotations
 
 
 def register() -> None:
-    from vllm_kvevict.engine import backend, cli, kv_spec, metrics, metrics_export, vllm_fixes
+    from vllm_kvevict.engine import (backend, cli, diagnostics, kv_spec, metrics, metrics_export,
+                                     vllm_fixes)
 
     vllm_fixes.install()
+    diagnostics.install()
     cli.install()
     metrics.install()
     metrics_export.install()
