@@ -123,3 +123,23 @@ def tiny_llama(model_path, tmp_path_factory):
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def serve_parser(plugin):
+    """The top-level `vllm` parser with the `serve` subcommand, as `vllm` builds it."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm")
+    ServeSubcommand().subparser_init(parser.add_subparsers(dest="subparser"))
+    return parser
+
+
+def serve_engine_args(parser, model_path, *flags):
+    """`vllm serve MODEL *flags` parsed, then turned into engine args as `vllm serve` does."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = parser.parse_args(["serve", model_path, *map(str, flags)])
+    args.model = args.model_tag  # what ServeSubcommand.cmd does first
+    return AsyncEngineArgs.from_cli_args(args)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine.conftest import serve_engine_args
 from vllm_kvevict.config import EvictionConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,26 +22,6 @@ STREAMINGLLM_YAML = REPO / "configs" / "streamingllm.yaml"
 NONE_YAML = REPO / "configs" / "none.yaml"
 
 pytestmark = pytest.mark.usefixtures("restore_environ")
-
-
-@pytest.fixture(scope="module")
-def serve_parser(plugin):
-    """The top-level `vllm` parser with the `serve` subcommand, as `vllm` builds it."""
-    from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(prog="vllm")
-    ServeSubcommand().subparser_init(parser.add_subparsers(dest="subparser"))
-    return parser
-
-
-def serve_engine_args(parser, model_path, *flags):
-    """`vllm serve MODEL *flags` parsed, then turned into engine args as `vllm serve` does."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    args = parser.parse_args(["serve", model_path, *map(str, flags)])
-    args.model = args.model_tag  # what ServeSubcommand.cmd does first
-    return AsyncEngineArgs.from_cli_args(args)
 
 
 # --- parsing -------------------------------------------------------------------------------

@@ -10,43 +10,26 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine.conftest import serve_engine_args
 from vllm_kvevict.config import EvictionConfigError
 
 pytestmark = pytest.mark.usefixtures("restore_environ")
 
 
-@pytest.fixture(scope="module")
-def serve_parser(plugin):
-    from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(prog="vllm")
-    ServeSubcommand().subparser_init(parser.add_subparsers(dest="subparser"))
-    return parser
-
-
-def engine_args(parser, model_path, *flags):
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    args = parser.parse_args(["serve", model_path, *map(str, flags)])
-    args.model = args.model_tag
-    return AsyncEngineArgs.from_cli_args(args)
-
-
 def test_flags_fill_additional_config(serve_parser, model_path):
-    args = engine_args(serve_parser, model_path, "--prefix-cache-eviction-policy", "marconi",
+    args = serve_engine_args(serve_parser, model_path, "--prefix-cache-eviction-policy", "marconi",
                        "--prefix-cache-alpha", "0.5", "--prefix-cache-tune-window", "16")
     assert args.additional_config == {"prefix_cache": {"eviction_policy": "marconi",
                                                        "alpha": 0.5, "tune_window": 16}}
 
 
 def test_additional_config_and_yaml_routes(serve_parser, model_path, tmp_path):
-    args = engine_args(serve_parser, model_path,
+    args = serve_engine_args(serve_parser, model_path,
                        "--additional-config.prefix_cache.eviction_policy", "marconi")
     assert args.additional_config == {"prefix_cache": {"eviction_policy": "marconi"}}
     yaml = tmp_path / "marconi.yaml"
     yaml.write_text("prefix-cache-eviction-policy: marconi\nprefix-cache-alpha: 1.5\n")
-    args = engine_args(serve_parser, model_path, "--config", yaml)
+    args = serve_engine_args(serve_parser, model_path, "--config", yaml)
     assert args.additional_config["prefix_cache"] == {"eviction_policy": "marconi",
                                                       "alpha": 1.5}
 
