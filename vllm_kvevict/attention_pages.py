@@ -43,7 +43,7 @@ from vllm_kvevict.pages import (BlockFormat, CPUBlockFormat, FlashBlockFormat, H
                                 own_row_blocks)
 from vllm_kvevict.pages.ops import PageOps, page_ops_for
 from vllm_kvevict.pages.plan import to_device
-from vllm_kvevict.paging import PageLayout, cdiv
+from vllm_kvevict.paging import INT_OF_WIDTH, PageLayout, cdiv
 
 
 @dataclasses.dataclass
@@ -372,9 +372,6 @@ class AttentionStatsRuntime(RequestRegistry):
         batch.held[layer].index_copy_(0, rows, held)
 
 
-_WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # integer words by size in bytes
-
-
 class BlockKeys:
     """Products ``q . k`` of queries with the keys of blocks, read from the cache as stored.
 
@@ -425,7 +422,7 @@ class BlockKeys:
         tile_t, tile_d = self.tiles
         pairs = (blocks.unsqueeze(1) * kv_heads + heads[:, None]).flatten()
         raw = kv_cache.view(num_blocks * kv_heads, block_size * two_d)[:, :block_size * head_dim]
-        word = _WORDS.get(tile_d * raw.element_size())
+        word = INT_OF_WIDTH.get(tile_d * raw.element_size())
         if word is not None and tile_d > 1:
             raw, tile_d = raw.view(word), 1
         tiles = raw.unflatten(1, (block_size // tile_t, head_dim // self.tiles[1], tile_t, tile_d))

@@ -24,6 +24,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# Integer dtypes by width in bytes: pages are moved bit for bit through same-width integer views.
+INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 @dataclasses.dataclass(frozen=True)
 class PageLayout:
     """A token budget expressed in pages.

@@ -16,6 +16,7 @@ import torch
 import triton.language as tl
 
 from vllm_kvevict.kernels.launch import Kernel, power_of_two
+from vllm_kvevict.paging import INT_OF_WIDTH
 
 
 def _copy_kernel(src, dst, src_ids, dst_ids, valid,
@@ -38,9 +39,6 @@ def _copy_kernel(src, dst, src_ids, dst_ids, valid,
 
 COPY = Kernel(_copy_kernel)
 
-# Integer types of the same width: pages are copied bit for bit (the interpreter reads
-# floating-point halves only through a cast).
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def copy_pages(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor,
@@ -60,7 +58,7 @@ def copy_pages(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor,
     pairs = valid.numel()
     if not pairs:
         return
-    bits = _BITS[dst.element_size()]
+    bits = INT_OF_WIDTH[dst.element_size()]  # the interpreter reads halves only through a cast
     src_bits, dst_bits = src.view(bits), dst.view(bits)
     COPY.on(device)[(pairs, kv_heads)](
         src_bits, dst_bits, src_ids.reshape(-1).to(torch.int32),

@@ -17,6 +17,7 @@ from vllm_kvevict.algorithms.digest import page_digests, score_packed_pages
 from vllm_kvevict.algorithms.selection import keep_mask
 from vllm_kvevict.pages.formats import BlockFormat
 from vllm_kvevict.pages.plan import SelectionBatch
+from vllm_kvevict.paging import INT_OF_WIDTH
 
 
 class PageOps:
@@ -212,12 +213,9 @@ class CompiledCPUPageOps(PageOps):
         return table
 
 
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def _bits(pages: torch.Tensor):
     """``pages`` as a numpy array of same-width integers (numpy has no bfloat16)."""
-    return pages.view(_BITS[pages.element_size()]).numpy()
+    return pages.view(INT_OF_WIDTH[pages.element_size()]).numpy()
 
 
 def page_ops_for(device: torch.device | str) -> PageOps:
