@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced settings (smoke test)")
     parser.add_argument("--out", default="docs/bench", help="directory for JSON/markdown/PNG")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set trials=10 --set budgets=256,512")
+                        help="override a setting, e.g. --set trials=10 --set budgets=256,512 "
+                             "--set engine_kwargs=kv_top_k_tokens:64 (retrieval)")
     parser.add_argument("--merge", action="append", default=[], metavar="JSON",
                         help="passkey/policies/retrieval only: run nothing, write one table and "
                              "plot from the cells of these earlier runs' JSON files")

@@ -124,28 +124,39 @@ _PLACES = ("the harbour town", "the valley village", "the old mill district", "t
 _JOBS = ("a carpenter", "a nurse", "a schoolteacher", "a baker", "a fisherman", "a mechanic",
          "a librarian", "a gardener", "a painter", "a postal worker", "a violin maker",
          "a bookkeeper", "a beekeeper", "a tailor")
-_WEATHER = ("The morning was grey and a thin rain fell over the rooftops.",
-            "A warm wind came up from the south and dried the streets by noon.",
-            "Snow had settled on the fences overnight, and the air smelled of smoke.",
-            "The sky cleared in the afternoon, and long shadows stretched across the fields.",
-            "Fog rolled in from the water and hid the far end of the street.",
-            "It was the hottest day of the summer, and even the dogs stayed in the shade.")
+_TIMES = ("That morning", "Early on Tuesday", "On the first day of the month", "Late that autumn",
+          "One windy afternoon", "Just after sunrise", "On a quiet Sunday", "Towards evening",
+          "In the middle of the week", "On the day of the spring market")
+_SKIES = ("a thin rain fell over the rooftops", "a warm wind dried the streets by noon",
+          "snow lay on the fences and the air smelled of smoke",
+          "long shadows stretched across the fields", "fog hid the far end of the street",
+          "even the dogs stayed in the shade", "the river ran high and brown after the storms",
+          "the bells of the chapel could be heard across the water",
+          "the first swallows of the year circled the square",
+          "frost had turned the puddles to glass")
 _ERRANDS = ("buy flour and a new kettle", "return a borrowed ladder", "mend a torn sail",
             "collect a parcel of seeds", "visit an aunt who had been unwell",
             "look for a lost grey cat", "deliver a basket of apples", "fix a squeaking gate",
             "sell a cart of firewood", "find a book about birds", "repair a broken clock",
-            "paint the front door blue")
+            "paint the front door blue", "ask about a room to rent", "sharpen a set of knives",
+            "pick up medicine for a neighbour", "bring soup to the night watchman",
+            "bargain for a second-hand stove", "post a letter to a cousin abroad")
 _THOUGHTS = ("{p} wondered whether the winter would be as long as the last one.",
              "{p} remembered a song from childhood and hummed it quietly.",
              "{p} thought about writing a letter to an old friend in the city.",
              "{p} decided that the garden needed more roses next year.",
              "{p} felt tired but pleased with the work of the day.",
-             "{p} could not stop thinking about the argument from the night before.")
+             "{p} could not stop thinking about the argument from the night before.",
+             "{p} made a note to save some money for a trip to the sea.",
+             "{p} wished the old bridge had not been torn down.",
+             "{p} began to plan a small party for {q}'s birthday.")
 _MEETINGS = ("On the way, {p} met {q}, {j}, who talked at length about the price of timber.",
              "Near {place}, {p} ran into {q}, who was carrying a heavy sack of potatoes.",
              "{q}, {j} from {place}, stopped {p} to ask for directions.",
              "At {place}, {p} shared a pot of tea with {q} and heard the latest news.",
-             "{p} waved to {q}, who was busy sweeping the steps outside {place}.")
+             "{p} waved to {q}, who was busy sweeping the steps outside {place}.",
+             "Outside {place}, {q} was arguing with a driver about a dented crate.",
+             "{p} helped {q}, {j}, carry a table up a narrow flight of stairs.")
 _ENDINGS = ("By evening the task was done, and {p} walked home slowly.",
             "The errand took longer than planned, because the road was closed for repairs.",
             "In the end {p} left the matter for another day and went to bed early.",
@@ -156,7 +167,7 @@ _ENDINGS = ("By evening the task was done, and {p} walked home slowly.",
 def _story_paragraph(rng: random.Random) -> list[str]:
     p, q = rng.sample(_PEOPLE, 2)
     slots = {"p": p, "q": q, "j": rng.choice(_JOBS), "place": rng.choice(_PLACES)}
-    sentences = [rng.choice(_WEATHER),
+    sentences = [f"{rng.choice(_TIMES)}, {rng.choice(_SKIES)}.",
                  f"{p}, {rng.choice(_JOBS)}, set out for {rng.choice(_PLACES)} to "
                  f"{rng.choice(_ERRANDS)}."]
     middle = [rng.choice(_MEETINGS), rng.choice(_THOUGHTS), rng.choice(_MEETINGS)]
