@@ -127,3 +127,12 @@ def test_bad_arguments_are_refused(tokenizer):
         make_trials(tokenizer, "needle", 1000, 2)
     with pytest.raises(ValueError, match="unknown text source"):
         next(texts.paragraphs("wikipedia", random.Random(0)))
+
+
+def test_var_chain_partial_counts_links_named_in_order(trials):
+    t = trials["var-chain"][0]
+    hop, start, value = t.chain
+    assert t.answers == (value,) and f"VAR {hop} = VAR {start}." in t.needles
+    assert partial(t, f" {hop}.") == 1 / 3 and not score(t, f" {hop}.")
+    assert partial(t, f" {hop} = VAR {start} = {value}.") == 1 and score(t, f" {hop} = {value}")
+    assert partial(t, f" {start} = {value}") == 0 and partial(t, " X = VAR Y = 12345") == 0

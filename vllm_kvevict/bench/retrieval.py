@@ -121,17 +121,21 @@ def _table(cells, configs, tasks, lengths) -> str:
         if c is None:
             return "not run"
         text = f"{100 * c['accuracy']:.0f}% ({sum(c['found'])}/{len(c['found'])})"
-        if c["task"] == "multi-needle":
-            text += f", {100 * c['partial_mean']:.0f}% of needles"
+        if c["task"] in _PARTIAL:
+            text += f", {100 * c['partial_mean']:.0f}% of {_PARTIAL[c['task']]}"
         return text
 
     columns = [(task, n) for task in tasks for n in lengths]
     rows = [[label(p, b)] + [cell(by_key.get((p, b, task, n))) for task, n in columns]
             for p, b in configs]
     return ("Retrieval accuracy on natural prose (greedy, exact match; multi-needle: all three "
-            "numbers in the asked order, then the share of needles named). Haystacks rotate over "
-            "the pydoc, docstrings and narrative sources; needle depths spread over 0..1.\n\n"
+            "numbers in the asked order, then the share of needles named; var-chain: the chain's "
+            "number, then the share of its links named in order). Haystacks rotate over the "
+            "pydoc, docstrings and narrative sources; needle depths spread over 0..1.\n\n"
             + markdown_table(["policy@budget"] + [f"{task} ~{n}" for task, n in columns], rows))
+
+
+_PARTIAL = {"multi-needle": "needles", "var-chain": "links"}
 
 
 def _plot(cells, configs, tasks, lengths, out_dir, name) -> None:

@@ -12,8 +12,10 @@ Tasks (``TASKS``):
   a bare answer cue, so the decoder must find the fact without the question nearby.
 - ``multi-needle``: three facts spread over the document, asked for in one answer in a stated
   order; exact = all three in order, ``partial`` = the share of them that appear.
-- ``var-chain``: a RULER-style chain ``A = number``, ``B = A``, ``C = B`` spread over the
-  document, plus a one-hop distractor chain with another number; the question asks for ``C``.
+- ``var-chain``: a RULER-style chain ``VAR A = number``, ``VAR B = VAR A``, ``VAR C = VAR B``
+  spread over the document, plus a one-hop distractor chain with another number; the question
+  asks for ``C``'s number; ``partial`` = the share of the links ``B, A, number`` the answer
+  names in order (the bundled 135M model names ``B`` but does not walk on).
 
 Every prompt uses the model's chat template with the assistant turn started by an answer
 prefix, so greedy decoding writes the answer first. Trial ``i`` takes its haystack from source
@@ -29,8 +31,9 @@ import re
 from vllm_kvevict.eval import texts
 
 TASKS = ("needle-last", "needle-first", "multi-needle", "var-chain")
-_MAX_TOKENS = {"needle-last": 10, "needle-first": 10, "multi-needle": 32, "var-chain": 10}
+_MAX_TOKENS = {"needle-last": 10, "needle-first": 10, "multi-needle": 32, "var-chain": 24}
 _NUMBER = re.compile(r"(?<!\d)\d{5}(?!\d)")
+_LINK = re.compile(r"\b(?!VAR\b)[A-Z]{5}\b|(?<!\d)\d{5}(?!\d)")  # a variable or a number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,8 @@ _READ = "Read the following text carefully."
 @dataclasses.dataclass(frozen=True)
 class Trial:
     """One prompt; ``answers`` in the order asked, ``depths`` of their needles (0 = start,
-    1 = end of the document), ``needles`` the inserted sentences (distractors included)."""
+    1 = end of the document), ``needles`` the inserted sentences (distractors included);
+    ``chain`` (var-chain only) the links from the asked variable to the number."""
     task: str
     prompt: str
     answers: tuple[str, ...]
@@ -86,6 +90,7 @@ class Trial:
     document: str
     num_tokens: int
     source: str
+    chain: tuple[str, ...] = ()
 
 
 def max_tokens(task: str) -> int:
@@ -125,7 +130,14 @@ def score(trial: Trial, completion: str) -> bool:
 
 
 def partial(trial: Trial, completion: str) -> float:
-    """The share of the answers that appear anywhere among the completion's 5-digit numbers."""
+    """The share of the answers that appear anywhere among the completion's 5-digit numbers;
+    for var-chain, the share of the chain's links (next variable, first variable, number)
+    that the completion names from its start, in order."""
+    if trial.chain:
+        words = _LINK.findall(completion)
+        done = next((k for k, (w, link) in enumerate(zip(words, trial.chain)) if w != link),
+                    min(len(words), len(trial.chain)))
+        return done / len(trial.chain)
     numbers = set(_NUMBER.findall(completion))
     return sum(a in numbers for a in trial.answers) / len(trial.answers)
 
@@ -162,11 +174,13 @@ def _make_trial(tokenizer, task, num_tokens, spread, source, rng, offset) -> Tri
                    (rng.random(), f"VAR {decoy} = {numbers[1]}."),
                    (rng.random(), f"VAR {decoy_hop} = VAR {decoy}.")]
         answers = [numbers[0]]
+        chain = (hop, start, numbers[0])
         parts = (f"{_READ} It assigns values to some variables.",
-                 f"Question: What number does VAR {target} hold? Answer by writing out the chain "
-                 "of assignments, for example: VAR X = VAR Y. VAR Y = VAR Z. VAR Z = 12345.",
+                 f"Question: What number does VAR {target} hold? Follow the chain of "
+                 "assignments, for example: VAR X = VAR Y = VAR Z = 12345.",
                  f"Answer: VAR {target} = VAR")
-    return _fit(tokenizer, task, num_tokens, source, rng, offset, needles, answers, *parts)
+    trial = _fit(tokenizer, task, num_tokens, source, rng, offset, needles, answers, *parts)
+    return dataclasses.replace(trial, chain=chain) if task == "var-chain" else trial
 
 
 def _variable_names(rng: random.Random, count: int) -> list[str]:
