@@ -8,8 +8,8 @@ import pytest
 
 pytestmark = pytest.mark.engine
 
-NAMES = ["passkey", "policies", "retrieval", "reference", "perplexity", "latency", "recall", "throughput",
-         "throughput-decode", "prefix"]
+NAMES = ["passkey", "policies", "retrieval", "reference", "perplexity", "latency", "recall",
+         "throughput", "throughput-decode", "prefix"]
 
 
 def test_all_benchmarks_quick(tmp_path, model_path):

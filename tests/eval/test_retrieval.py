@@ -101,12 +101,13 @@ def test_same_seed_same_trials_other_seed_other_trials(tokenizer, trials):
 def test_sources_rotate_and_haystacks_differ(trials):
     for task_trials in trials.values():
         assert [t.source for t in task_trials] == [texts.SOURCES[i % 3] for i in range(7)]
-        haystacks = [t.document for t in task_trials]
+        haystacks = set()
         for t in task_trials:
+            haystack = t.document
             for needle in t.needles:
-                haystacks[task_trials.index(t)] = haystacks[task_trials.index(t)].replace(
-                    needle, "")
-        assert len(set(haystacks)) == len(haystacks)
+                haystack = haystack.replace(needle, "")
+            haystacks.add(haystack)
+        assert len(haystacks) == len(task_trials)
     firsts = {t.document[:200] for task_trials in trials.values() for t in task_trials}
     assert len(firsts) == sum(len(v) for v in trials.values())
 
@@ -118,7 +119,7 @@ def test_haystacks_read_as_prose_without_long_numbers():
         assert len({" ".join(p) for p in paras}) > 30
         for para in paras:
             text = " ".join(para)
-            assert text.endswith((".", "!", "?")) and not any(ch.isdigit() for ch in text[:0])
+            assert text.endswith((".", "!", "?"))
             assert not any(w.isdigit() and len(w) >= 4 for w in text.replace(".", " ").split())
 
 

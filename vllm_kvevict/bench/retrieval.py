@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
@@ -68,7 +67,8 @@ def _cell(policy, budget, task, length, rows, seconds, retrieval) -> dict:
     partial = [retrieval.partial(t, text) for t, text in rows]
     return {"policy": policy, "budget": budget, "task": task, "length": length,
             "tokens": [t.num_tokens for t, _ in rows],
-            "depths": [list(t.depths[:len(t.answers)]) for t, _ in rows],
+            "needles": [list(t.needles) for t, _ in rows],
+            "depths": [list(t.depths) for t, _ in rows],
             "sources": [t.source for t, _ in rows], "answers": [list(t.answers) for t, _ in rows],
             "completions": [text for _, text in rows], "found": found, "partial": partial,
             "accuracy": sum(found) / len(found), "partial_mean": sum(partial) / len(partial),

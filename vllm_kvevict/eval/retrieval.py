@@ -8,18 +8,25 @@ Tasks (``TASKS``):
 
 - ``needle-last``: one fact sentence at a depth spread over the trials; the question comes
   after the document and does not repeat the fact's wording.
-- ``needle-first``: the same, but the question comes before the document; the prompt ends with
-  a bare answer cue, so the decoder must find the fact without the question nearby.
-- ``multi-needle``: three facts spread over the document, asked for in one answer in a stated
-  order; exact = all three in order, ``partial`` = the share of them that appear.
+- ``needle-first``: the same, but the question comes before the document and nothing but the
+  answer cue follows it.
+- ``multi-needle``: three facts ("The secret number of <label> is <number>.") spread over the
+  document, asked for in one answer in a shuffled order; exact = all three in the asked order,
+  ``partial`` = the share of them that appear.
 - ``var-chain``: a RULER-style chain ``VAR A = number``, ``VAR B = VAR A``, ``VAR C = VAR B``
   spread over the document, plus a one-hop distractor chain with another number; the question
   asks for ``C``'s number; ``partial`` = the share of the links ``B, A, number`` the answer
-  names in order (the bundled 135M model names ``B`` but does not walk on).
+  names in order.
 
-Every prompt uses the model's chat template with the assistant turn started by an answer
-prefix, so greedy decoding writes the answer first. Trial ``i`` takes its haystack from source
-``texts.SOURCES[i % 3]`` at a random starting point, so each cell mixes the sources.
+Every prompt uses the model's chat template, and the assistant turn starts with an answer cue,
+so greedy decoding writes the answer first. For the single needles the cue is the fact's own
+words up to the number ("Answer: The code that opens the north archive was reset to"): the
+question is a paraphrase, but the bundled 135M model cannot answer one without that cue (full
+attention, ~3k tokens, 8 trials: 2/8 after "The number is" vs 8/8 with the cue, question last;
+1/8 vs 8/8 question first). It does not link several facts or walk a chain in one answer
+(multi-needle and var-chain: it names the first fact or link), so those two tasks are scored
+with partial credit as well. Trial ``i`` takes its haystack from source
+``texts.SOURCES[i % 3]``, so each cell mixes the sources.
 """
 from __future__ import annotations
 
@@ -79,8 +86,8 @@ _READ = "Read the following text carefully."
 
 @dataclasses.dataclass(frozen=True)
 class Trial:
-    """One prompt; ``answers`` in the order asked, ``depths`` of their needles (0 = start,
-    1 = end of the document), ``needles`` the inserted sentences (distractors included);
+    """One prompt; ``answers`` in the order asked, ``needles`` the inserted sentences
+    (distractors included) and ``depths`` theirs (0 = start, 1 = end of the document);
     ``chain`` (var-chain only) the links from the asked variable to the number."""
     task: str
     prompt: str
@@ -185,10 +192,12 @@ def _make_trial(tokenizer, task, num_tokens, spread, source, rng, offset) -> Tri
 
 def _variable_names(rng: random.Random, count: int) -> list[str]:
     letters = "BCDFGHJKLMNPQRSTVWXZ"
-    names: set[str] = set()
+    names: list[str] = []
     while len(names) < count:
-        names.add("".join(rng.choice(letters) for _ in range(5)))
-    return sorted(names, key=lambda _: rng.random())
+        name = "".join(rng.choice(letters) for _ in range(5))
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def _fit(tokenizer, task, num_tokens, source, rng, offset, needles, answers, head, tail,
