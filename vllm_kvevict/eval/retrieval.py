@@ -15,8 +15,8 @@ Tasks (``TASKS``):
   ``partial`` = the share of them that appear.
 - ``var-chain``: a RULER-style chain ``VAR A = number``, ``VAR B = VAR A``, ``VAR C = VAR B``
   spread over the document, plus a one-hop distractor chain with another number; the question
-  asks for ``C``'s number; ``partial`` = the share of the links ``B, A, number`` the answer
-  names in order.
+  asks for ``C``'s chain and number; exact = the number, ``partial`` = the share of the links
+  ``B, A, number`` the answer names in order.
 
 Every prompt uses the model's chat template, and the assistant turn starts with an answer cue,
 so greedy decoding writes the answer first. For the single needles the cue is the fact's own
@@ -24,8 +24,9 @@ words up to the number ("Answer: The code that opens the north archive was reset
 question is a paraphrase, but the bundled 135M model cannot answer one without that cue (full
 attention, ~3k tokens, 8 trials: 2/8 after "The number is" vs 8/8 with the cue, question last;
 1/8 vs 8/8 question first). It does not link several facts or walk a chain in one answer
-(multi-needle and var-chain: it names the first fact or link), so those two tasks are scored
-with partial credit as well. Trial ``i`` takes its haystack from source
+(multi-needle and var-chain: it names the first fact or link at best), so those two tasks are
+scored with partial credit as well. An answer format example in the var-chain question made it
+worse (the model copies the example: 2 links named in 10 trials vs 6 without). Trial ``i`` takes its haystack from source
 ``texts.SOURCES[i % 3]``, so each cell mixes the sources.
 """
 from __future__ import annotations
@@ -183,8 +184,8 @@ def _make_trial(tokenizer, task, num_tokens, spread, source, rng, offset) -> Tri
         answers = [numbers[0]]
         chain = (hop, start, numbers[0])
         parts = (f"{_READ} It assigns values to some variables.",
-                 f"Question: What number does VAR {target} hold? Follow the chain of "
-                 "assignments, for example: VAR X = VAR Y = VAR Z = 12345.",
+                 f"Question: Which variable is VAR {target} set to, which is that one set to, "
+                 "and what number is at the end of the chain?",
                  f"Answer: VAR {target} = VAR")
     trial = _fit(tokenizer, task, num_tokens, source, rng, offset, needles, answers, *parts)
     return dataclasses.replace(trial, chain=chain) if task == "var-chain" else trial
