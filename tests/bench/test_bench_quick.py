@@ -8,8 +8,8 @@ import pytest
 
 pytestmark = pytest.mark.engine
 
-NAMES = ["passkey", "policies", "reference", "perplexity", "latency", "recall", "throughput",
-         "throughput-decode", "prefix"]
+NAMES = ["passkey", "policies", "retrieval", "reference", "perplexity", "latency", "recall",
+         "throughput", "throughput-decode", "prefix"]
 
 
 def test_all_benchmarks_quick(tmp_path, model_path):
@@ -45,6 +45,14 @@ def test_all_benchmarks_quick(tmp_path, model_path):
         assert r["prefill_tokens_computed"] == r["prompt_tokens"] - r["cached_prompt_tokens"] > 0
     assert [a["pool"] for a in prefix["allocation"]] == ["lru", "marconi", "marconi:1.0"]
     assert all(a["us_per_call"] > 0 for a in prefix["allocation"])
+    retrieval = json.loads((tmp_path / "retrieval.json").read_text())
+    cells = retrieval["cells"]
+    assert [(c["policy"], c["task"]) for c in cells] == [
+        (p, t) for p in ("none", "streamingllm", "arkvale") for t in retrieval["settings"]["tasks"]]
+    assert len(cells) == 3 * 4 and all(len(c["found"]) == len(c["completions"]) == 1 for c in cells)
+    assert all(abs(n - 800) <= 40 for c in cells for n in c["tokens"])
+    none = [c for c in cells if c["policy"] == "none"]
+    assert [c["found"] for c in none if c["task"].startswith("needle")] == [[True], [True]]
     perplexity = json.loads((tmp_path / "perplexity.json").read_text())["results"]
     assert all(1 < r["perplexity"] < 1000 for r in perplexity)
 

@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 STATS_POLICIES = ["h2o", "tova", "roco", "snapkv", "lra", "lfa"]
 ALL_POLICIES = ["none", "streamingllm", *STATS_POLICIES, "quest", "arkvale"]
+RETRIEVAL_TASKS = ["needle-last", "needle-first", "multi-needle", "var-chain"]
 
 # name -> (full settings, --quick settings)
 SETTINGS = {
@@ -24,6 +25,12 @@ SETTINGS = {
                   "trials": 10},
                  {"lengths": [600], "budgets": [256],
                   "policies": ["none", "h2o", "tova", "roco", "snapkv"], "trials": 1}),
+    # Needles, several needles and variable chains in natural prose (passkey's engine route).
+    "retrieval": ({"lengths": [3000, 6000], "budgets": [512, 1024], "policies": ALL_POLICIES,
+                   "tasks": RETRIEVAL_TASKS, "trials": 20, "engine_kwargs": {}},
+                  {"lengths": [800], "budgets": [256], "policies":
+                   ["none", "streamingllm", "arkvale"], "tasks": RETRIEVAL_TASKS, "trials": 1,
+                   "engine_kwargs": {}}),
     # Page-level attention-statistics policies vs their token-level references (transformers).
     "reference": ({"prompt_tokens": 2000, "answer_tokens": 64, "budgets": [256, 512],
                    "policies": STATS_POLICIES, "trials": 3, "layers": [0, 7, 15, 22, 29]},
@@ -85,12 +92,12 @@ def _runner(name: str):
 
         return kernels.run
     from vllm_kvevict.bench import (latency, passkey, perplexity, prefix, recall, reference,
-                                    soak, throughput)
+                                    retrieval, soak, throughput)
 
     return {"passkey": passkey.run, "policies": functools.partial(passkey.run, name="policies"),
             "reference": reference.run, "perplexity": perplexity.run, "latency": latency.run,
             "recall": recall.run, "throughput": throughput.run, "prefix": prefix.run,
-            "soak": soak.run,
+            "soak": soak.run, "retrieval": retrieval.run,
             "throughput-decode": functools.partial(throughput.run, name="throughput-decode")}[name]
 
 
@@ -100,18 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced settings (smoke test)")
     parser.add_argument("--out", default="docs/bench", help="directory for JSON/markdown/PNG")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, e.g. --set trials=10 --set budgets=256,512")
+                        help="override a setting, e.g. --set trials=10 --set budgets=256,512 "
+                             "--set engine_kwargs=kv_top_k_tokens:64 (retrieval)")
     parser.add_argument("--merge", action="append", default=[], metavar="JSON",
-                        help="passkey/policies only: run nothing, write one table and plot from "
-                             "the cells of these earlier runs' JSON files")
+                        help="passkey/policies/retrieval only: run nothing, write one table and "
+                             "plot from the cells of these earlier runs' JSON files")
     args = parser.parse_args(argv)
     if args.merge:
-        if args.command not in ("passkey", "policies"):
-            parser.error("--merge applies to passkey and policies results only")
-        from vllm_kvevict.bench import passkey
+        if args.command not in ("passkey", "policies", "retrieval"):
+            parser.error("--merge applies to passkey, policies and retrieval results only")
+        from vllm_kvevict.bench import passkey, retrieval
 
+        merge = retrieval.merge if args.command == "retrieval" else passkey.merge
         try:
-            passkey.merge(args.out, args.command, args.merge)
+            merge(args.out, args.command, args.merge)
         except (OSError, ValueError, KeyError) as e:
             parser.error(f"cannot merge: {e}")
         print(f"[bench] {args.command}: merged {len(args.merge)} runs -> "
@@ -139,10 +148,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse(value: str, like):
+    if isinstance(like, dict):  # engine keywords: key:value,key:value (values as Python literals)
+        import ast
+
+        pairs = [item.partition(":") for item in value.split(",") if item]
+        return {key: _literal(ast, raw) for key, _, raw in pairs}
     if isinstance(like, list):
         kind = type(like[0]) if like else str
         return [kind(v) for v in value.split(",") if v]
     return type(like)(value)
+
+
+def _literal(ast, raw: str):
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
 
 
 if __name__ == "__main__":
