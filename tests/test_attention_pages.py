@@ -9,7 +9,8 @@ from tests.test_pages import cache  # noqa: F401  (the fixture)
 from vllm_kvevict.algorithms.attention_stats import (PageAttentionStats, accumulate,
                                                      page_attention_mass)
 from vllm_kvevict.algorithms.selection import topk_prefer_recent
-from vllm_kvevict.attention_pages import AttentionStatsRuntime, BlockKeys
+from vllm_kvevict.attention_pages import AttentionStatsRuntime
+from vllm_kvevict.pages.keys import BlockKeys
 from vllm_kvevict.pages import CPUBlockFormat
 from vllm_kvevict.paging import PageLayout
 from vllm_kvevict.policies import get_policy

@@ -71,7 +71,7 @@ class FakeEngine:
     """One worker's KV cache, a scheduler's block table and the page runtime."""
 
     def __init__(self, sparse=False, host_pages=64, policy="arkvale", layout=LAYOUT,
-                 runtime=None, cache=CACHES["cpu"], ops=None):
+                 runtime=None, cache=CACHES["cpu"], ops=None, observation_window=0):
         self.cache = cache
         self.kv = cache.caches()
         self.free = list(range(1, NUM_BLOCKS))
@@ -82,7 +82,8 @@ class FakeEngine:
         self.store.bind(self.kv[0], self.fmt, KV_HEADS, HEAD_DIM)
         self.layout = layout
         self.runtime = runtime or PageRuntime(layout, get_policy(policy), "cuboid-mean", sparse,
-                                              self.store, self.fmt, LAYERS, ops)
+                                              self.store, self.fmt, LAYERS, ops,
+                                              observation_window=observation_window)
         # Seeded here: the outcome must not depend on which tests ran before in the process.
         self.rng = torch.Generator().manual_seed(0)
         self.page_keys = torch.randn(200, HEAD_DIM, generator=self.rng)  # page p's keys: near it
@@ -209,6 +210,32 @@ def test_prefill_end_keeps_the_best_pages_and_decode_recalls_evicted_ones(cache)
     assert engine.store.used_pages == 0 and not engine.runtime.requests
 
 
+def test_anchors_keep_what_the_prompts_last_queries_attend_to(cache):
+    engine = FakeEngine(cache=cache, observation_window=2)
+    assert engine.runtime.anchor_pages == 2  # budget 6 = 1 sink + 1 window + 2 anchors + top-2
+    prompt = 12 * BS + 2
+    engine.step({"a": prompt}, {"a": prompt}, {"a": 5})  # the last prompt query favours page 5
+    state = engine.runtime.requests["a"]
+    assert state.anchors.shape == (LAYERS, 2)
+    assert state.anchors[:, 0].tolist() == [5] * LAYERS  # the most attended page first
+    assert all(0 < p < 12 for p in state.anchors.flatten().tolist())  # neither sink nor window
+    for favour in (8, 3, 9, 1, 7):  # decode queries favour other pages: anchors stay
+        plan, _ = engine.step({"a": 1}, {"a": prompt}, {"a": favour})
+        window_full = 0 if engine.computed["a"] % BS else 1  # the window counts a partial page
+        assert plan.selections.num_keep.tolist() == [1 + window_full + 2 + 2]
+        for layer in range(LAYERS):
+            held = engine.held_by_content("a", layer)
+            assert set(state.anchors[layer].tolist()) <= set(held)
+            assert favour in held
+        engine.check_invariants("a")
+    assert engine.runtime.stats.recalled > 0
+
+
+def test_sparse_attention_has_no_anchors(cache):
+    engine = FakeEngine(cache=cache, observation_window=2, sparse=True)
+    assert engine.runtime.anchor_pages == 0
+
+
 def test_decode_across_page_boundaries_keeps_the_window_and_sinks(cache):
     engine = FakeEngine(cache=cache)
     prompt = 9 * BS
@@ -280,11 +307,16 @@ def test_selection_probe_compares_digest_and_exact_top_k():
     keys[3, :, 0] = torch.tensor([5.0, 0.0])  # page 3 takes nearly all attention
     keys[4, :, 0] = torch.tensor([1.0, 0.0])
     query = torch.tensor([[4.0, 0.0]])
+    pinned = torch.tensor([True, False, False, False, False, True])  # sink and window
     probe = SelectionProbe()
-    probe.record(query, keys, torch.tensor([9.0, 0, 1, 5, 2, 9]), 1, 1, top_k=2)  # digest: 3, 4
-    probe.record(query, keys, torch.tensor([9.0, 3, 4, 0, 2, 9]), 1, 1, top_k=2)  # digest: 2, 1
+    probe.record(query, keys, torch.tensor([9.0, 0, 1, 5, 2, 9]), pinned, top_k=2)  # digest: 3, 4
+    probe.record(query, keys, torch.tensor([9.0, 3, 4, 0, 2, 9]), pinned, top_k=2)  # digest: 2, 1
     assert probe.selections == 2 and probe.top1_hits == 1
     assert probe.top_k_overlap == pytest.approx(1.0)  # 2/2 then 0/2
+    anchored = pinned.clone()
+    anchored[3] = True  # an anchor: the digest is judged on the other pages
+    probe.record(query, keys, torch.tensor([9.0, 3, 0, 0, 4, 9]), anchored, top_k=2)  # 4, 1
+    assert probe.selections == 3 and probe.top1_hits == 2  # page 4 is now the heaviest
 
 
 def test_quest_keeps_every_page_and_attends_over_the_selection(cache):

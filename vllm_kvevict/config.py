@@ -42,13 +42,16 @@ class EvictionConfig:
         sink_tokens: the first tokens of every request, never evicted.
         window_tokens: the most recent tokens, never evicted.
         top_k_tokens: (selecting policies) tokens chosen per step by score besides sinks and
-            window; ``None``: ``min(1280, budget / 2)``, capped to what the budget leaves.
+            window; ``None``: ``min(1280, budget / 2)``, capped to what the budget leaves
+            (arkvale fills the rest with anchors, see ``observation_window``).
         host_space_gib: (recalling policies) host memory per worker for page backups, GiB.
         sparse_attention: (selecting policies) attend only over sinks + top-k + window instead
             of every resident page.
         digest: (digest policies) ``cuboid-mean`` (ArkVale) or ``cuboid-max`` (Quest's min/max).
         observation_window: (attention-statistics policies) the last prompt queries whose
-            attention seeds the statistics when a prompt ends (SnapKV's window).
+            attention seeds the statistics when a prompt ends (SnapKV's window); (arkvale)
+            the queries whose exact attention chooses the anchors, the prompt pages kept for
+            the request's life in the budget left besides sinks, window and top-k.
         recent_ratio: share of the budget held as the recent window; ``None``: ``window_tokens``
             alone. The window is the larger of the two.
     """

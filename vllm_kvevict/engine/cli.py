@@ -182,7 +182,9 @@ def _add_cli_args(original, parser, *args, **kwargs):
     group.add_argument("--kv-top-k-tokens", type=int, default=None, metavar="TOKENS",
                        help="arkvale, quest: tokens picked per step by digest score besides "
                             "sinks and window, rounded down to blocks; when unset min(1280, "
-                            "budget/2) (arkvale) or the rest of the budget (quest).")
+                            "budget/2) (arkvale) or the rest of the budget (quest). arkvale "
+                            "fills the rest of the budget with anchors: per layer, the prompt "
+                            "pages its last --kv-observation-window queries attend to most.")
     group.add_argument("--kv-host-space", type=float, default=None, metavar="GIB",
                        help="arkvale: host memory per worker for page backups, in GiB; "
                             f"{DEFAULT_HOST_SPACE_GIB:g} when unset. Requests wait (or are "
@@ -198,7 +200,7 @@ def _add_cli_args(original, parser, *args, **kwargs):
     group.add_argument("--kv-observation-window", type=int, default=None, metavar="TOKENS",
                        help="h2o, tova, roco, snapkv, lra, lfa: the last prompt queries whose "
                             "attention scores the prompt's pages when it ends (SnapKV's "
-                            "window); "
+                            "window); arkvale: the queries that choose its anchors; "
                             f"{DEFAULT_OBSERVATION_WINDOW} when unset.")
     group.add_argument("--kv-recent-ratio", type=float, default=None, metavar="RATIO",
                        help="Share of --kv-budget held as the recent window (0..1); the window "

@@ -83,12 +83,15 @@ def _new_runtime(config: EvictionConfig, spec, layer_names: list[str]) -> PageRu
         return _runtime
     store = HostPageStore(spec.host_pages, len(layer_names))
     _runtime = PageRuntime(spec.layout, policy, policy.digest or config.digest,
-                           config.sparse_attention, store, block_format, len(layer_names))
+                           config.sparse_attention, store, block_format, len(layer_names),
+                           observation_window=config.observation_window)
     _runtime.layer_index = {name: i for i, name in enumerate(layer_names)}
-    logger.info("vllm-kvevict: %s selects up to %d pages per step and layer (%d sink, %d window, "
-                "top-%d), attends over %s; host store holds %d pages", config.policy,
-                spec.sink_pages + spec.window_pages + spec.top_k_pages, spec.sink_pages,
-                spec.window_pages, spec.top_k_pages,
+    logger.info("vllm-kvevict: %s keeps up to %d pages per step and layer (%d sink, %d window, "
+                "%d anchored by the last %d prompt queries, top-%d), attends over %s; host store "
+                "holds %d pages", config.policy,
+                spec.sink_pages + spec.window_pages + _runtime.anchor_pages + spec.top_k_pages,
+                spec.sink_pages, spec.window_pages, _runtime.anchor_pages,
+                config.observation_window, spec.top_k_pages,
                 "them only" if _runtime.sparse_attention else "all resident pages", spec.host_pages)
     install_fault(_runtime)
     return _runtime

@@ -8,9 +8,12 @@ Plain torch; vLLM glue (``vllm_kvevict.engine``) only feeds it the batch and the
   (``[hi, lo]`` per KV head, kept on the device for every page, resident or not).
 * **Evict.** The scheduler frees the blocks of positions ``PageLayout.evicted_pages``; whatever a
   freed block held in each layer is no longer resident (its host copy stays).
+* **Anchor.** When the prompt ends (arkvale), per layer, the pages its last queries attend to
+  most (exact attention, all pages still resident) are pinned for the request's life in the
+  budget left besides sinks, window and top-k.
 * **Recall.** Each decode step, per layer, the policy scores every backed-up page with the query;
-  sinks + window + the top-k pages are kept. Kept pages that are not resident are copied from
-  host into the owned blocks holding the lowest-scored pages that were not kept.
+  sinks + window + anchors + the top-k pages are kept. Kept pages that are not resident are
+  copied from host into the owned blocks holding the lowest-scored pages that were not kept.
 
 Because layers choose different pages, one block holds different logical pages in different
 layers: :class:`RequestPages` keeps, per layer, which page each owned block holds. Keys carry their
@@ -21,7 +24,7 @@ Invariants (per request, per layer):
 
 * between steps (after the scheduler's frees), every owned block at a full position holds a
   distinct backed-up page; the block of the page being filled holds that page;
-* sink pages and window pages are always held at their own positions;
+* sink pages and window pages are always held at their own positions; anchors are always held;
 * with nothing evicted, every block holds its own page and nothing is selected or recalled, so
   the result is the stock computation.
 

@@ -38,15 +38,16 @@ class PageOps:
         return policy.score(query, box[:, :, 0], box[:, :, 1])
 
     def select(self, policy, query: torch.Tensor, digests: torch.Tensor, batch: SelectionBatch,
-               held: torch.Tensor, kv_cache: torch.Tensor, source: torch.Tensor | None,
+               held: torch.Tensor, pinned: torch.Tensor, kv_cache: torch.Tensor,
+               source: torch.Tensor | None,
                from_host: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
-        """One layer's selection for every row of ``batch``: scores, the keep mask (sinks and
-        window, then the best-scored pages) and, unless ``source`` is None, the kept pages made
-        resident (:meth:`place_kept`). Returns ``(keep [R, P], scores [R, P], pages moved)``;
-        ``query`` is ``[R, heads, head_dim]``, ``held`` this layer's ``[R, C]`` page per column
-        (updated in place)."""
+        """One layer's selection for every row of ``batch``: scores, the keep mask (the
+        ``pinned`` pages, then the best-scored) and, unless ``source`` is None, the kept pages
+        made resident (:meth:`place_kept`). Returns ``(keep [R, P], scores [R, P], pages
+        moved)``; ``query`` is ``[R, heads, head_dim]``, ``held`` this layer's ``[R, C]`` page
+        per column (updated in place), ``pinned`` its ``[R, P]`` sinks, window and anchors."""
         scores = self.score(policy, query, digests, batch.host_ids, batch.num_full)
-        keep = keep_mask(scores, batch.valid, batch.pinned, batch.num_keep)
+        keep = keep_mask(scores, batch.valid, pinned, batch.num_keep)
         moved = 0
         if source is not None:
             moved = self.place_kept(batch, held, keep, scores, kv_cache, source, from_host)
@@ -167,11 +168,11 @@ class CompiledCPUPageOps(PageOps):
         super().__init__(host_sync_free)
         self._key_offsets: dict[tuple[int, int], object] = {}
 
-    def select(self, policy, query, digests, batch, held, kv_cache, source, from_host):
+    def select(self, policy, query, digests, batch, held, pinned, kv_cache, source, from_host):
         from vllm_kvevict.kernels import cpu
 
         if not policy.digest_bound_score:
-            return super().select(policy, query, digests, batch, held, kv_cache, source,
+            return super().select(policy, query, digests, batch, held, pinned, kv_cache, source,
                                   from_host)
         rows, num_pages = batch.host_ids.shape
         keep = torch.zeros((rows, num_pages), dtype=torch.bool)
@@ -181,7 +182,7 @@ class CompiledCPUPageOps(PageOps):
         cache = _bits(kv_cache)
         moved = cpu.select_pages(
             query.float().numpy(), digests.numpy(), batch.host_ids.numpy(),
-            batch.num_full.numpy(), batch.pinned.numpy(), batch.num_keep.numpy(), held.numpy(),
+            batch.num_full.numpy(), pinned.numpy(), batch.num_keep.numpy(), held.numpy(),
             batch.candidates.numpy(), batch.blocks.numpy(),
             cache if source is None else _bits(source), cache, mode, keep.numpy(),
             scores.numpy())

@@ -46,6 +46,8 @@ class RowSelection:
     pinned: tuple[int, int]  # pages [0, a) and [b, num_full) are always kept
     partial_block: int  # the block of the page being filled, -1 if none
     candidates: list[int]  # full columns that may receive a kept page
+    last_position: int = 0  # position of the query token
+    num_observed: int = 0  # at a prompt's end: its last queries that choose anchors
 
 
 class SelectionBatch:
@@ -55,10 +57,13 @@ class SelectionBatch:
     blocks holding full pages). Page ``P`` stands for "no page": ``held`` holds it in the
     padding columns, and padding pages are not ``valid``. ``held[layer]`` is updated by the
     layers' moves and written back to the requests' page tables after the last layer
-    (:meth:`commit`).
+    (:meth:`commit`). ``pinned[layer]`` is sinks, window and the row's anchors in that layer;
+    ``anchors[layer]`` (``[R, A]``, -1: none) is read from the requests, or, for rows ending
+    their prompt, chosen by the layers and written back by :meth:`commit`.
     """
 
-    def __init__(self, selections: list[RowSelection], num_layers: int, device) -> None:
+    def __init__(self, selections: list[RowSelection], num_layers: int, device,
+                 num_anchors: int = 0) -> None:
         rows = len(selections)
         num_pages = max(sel.num_full for sel in selections)
         num_cols = max(sel.num_full_cols for sel in selections)
@@ -77,6 +82,9 @@ class SelectionBatch:
             "blocks": torch.zeros((rows, num_cols), dtype=torch.int64),
             "candidates": torch.zeros((rows, num_cols), dtype=torch.bool),
             "held": torch.full((num_layers, rows, num_cols), num_pages, dtype=torch.int64),
+            "anchors": torch.full((num_layers, rows, num_anchors), -1, dtype=torch.int64),
+            "last_positions": column([sel.last_position for sel in selections]),
+            "num_observed": column([sel.num_observed for sel in selections]),
         }
         for i, sel in enumerate(selections):
             n, cols = sel.num_full, sel.num_full_cols
@@ -87,21 +95,40 @@ class SelectionBatch:
             host["blocks"][i, :cols] = torch.tensor(sel.state.block_ids[:cols])
             host["candidates"][i, sel.candidates] = True
             host["held"][:, i, :cols] = sel.state.held[:, :cols]
+            if num_anchors and sel.state.anchors is not None:
+                host["anchors"][:, i] = sel.state.anchors
         moved = to_device(host, device)
         self.rows, self.tokens, self.num_full = moved["rows"], moved["tokens"], moved["num_full"]
         self.num_keep, self.partial_blocks = moved["num_keep"], moved["partial_blocks"]
         self.host_ids, self.valid, self.pinned = moved["host_ids"], moved["valid"], moved["pinned"]
         self.blocks, self.candidates = moved["blocks"], moved["candidates"]
         self.held = moved["held"]
+        self.anchors = moved["anchors"]
+        self.last_positions, self.num_observed = moved["last_positions"], moved["num_observed"]
+        self.pinned = self.pinned.unsqueeze(0).repeat(num_layers, 1, 1)  # [L, R, P]
+        if num_anchors:
+            pin_pages(self.pinned, self.anchors)
 
     def __len__(self) -> int:
         return len(self.states)
 
-    def commit(self) -> None:
-        """Write the pages each column holds back to the requests' page tables."""
+    def commit(self, anchors_chosen: bool = False) -> None:
+        """Write the pages each column holds (and anchors the layers chose) back to the
+        requests' page tables."""
         held = self.held.cpu()
+        anchors = self.anchors.cpu() if anchors_chosen else None
         for i, (state, cols) in enumerate(zip(self.states, self.num_cols)):
             state.held[:, :cols] = held[:, i, :cols]
+            if anchors is not None:
+                state.anchors = anchors[:, i].clone()
+
+
+def pin_pages(pinned: torch.Tensor, pages: torch.Tensor) -> None:
+    """Set ``pinned[..., p]`` for every page ``p >= 0`` of ``pages`` (same leading dims)."""
+    num_pages = pinned.shape[-1]
+    padded = torch.nn.functional.pad(pinned, (0, 1))  # page P: "none"
+    padded.scatter_(-1, torch.where(pages >= 0, pages, num_pages), True)
+    pinned.copy_(padded[..., :num_pages])
 
 
 @dataclasses.dataclass

@@ -11,18 +11,19 @@ class SelectionProbe:
     """Diagnostics (benchmarks only): how well digest scores find the pages that exact attention
     weighs most. For each selection, exact attention of the query over all backed-up pages (keys
     read from the host store) gives each page's attention mass (mean over query heads); among
-    pages that are not pinned (sinks, window), the ``top_k`` by mass are compared with the
-    ``top_k`` by digest score."""
+    pages that are not pinned (sinks, window, anchors), the ``top_k`` by mass are compared with
+    the ``top_k`` by digest score."""
 
     selections: int = 0
     top_k_overlap: float = 0.0  # sum over selections of |digest top-k & exact top-k| / k
     top1_hits: int = 0  # the heaviest unpinned page was among the digest top-k
 
     def record(self, query: torch.Tensor, keys: torch.Tensor, scores: torch.Tensor,
-               sink_pages: int, window_pages: int, top_k: int) -> None:
-        """``query [heads, d]``, ``keys [pages, page, kv_heads, d]``, ``scores [pages]``."""
+               pinned: torch.Tensor, top_k: int) -> None:
+        """``query [heads, d]``, ``keys [pages, page, kv_heads, d]``, ``scores`` and
+        ``pinned`` ``[pages]``."""
         num_pages, page, kv_heads, head_dim = keys.shape
-        unpinned = torch.arange(sink_pages, num_pages - window_pages)
+        unpinned = (~pinned).nonzero().squeeze(1)
         k = min(top_k, unpinned.numel())
         if k <= 0:
             return

@@ -36,6 +36,8 @@ class RequestPages:
     num_tokens: int = 0  # tokens written after the last planned step
     # Attention-statistics policies: [layers, NUM_STATS, pages] by logical page.
     attention: torch.Tensor | None = None
+    # Selecting policies with anchors: [layers, A] pages kept since the prompt ended (-1: none).
+    anchors: torch.Tensor | None = None
 
     def own(self, positions: list[int], block_ids: list[int], num_layers: int) -> int:
         """Owned blocks become ``positions``/``block_ids``; returns page copies dropped.

@@ -6,9 +6,11 @@ from typing import Sequence
 
 import torch
 
+from vllm_kvevict.algorithms.attention_stats import page_mass_from_logits
 from vllm_kvevict.pages.formats import BlockFormat
+from vllm_kvevict.pages.keys import BlockKeys
 from vllm_kvevict.pages.ops import PageOps, page_ops_for
-from vllm_kvevict.pages.plan import RowSelection, SelectionBatch, StepPlan, to_device
+from vllm_kvevict.pages.plan import RowSelection, SelectionBatch, StepPlan, pin_pages, to_device
 from vllm_kvevict.pages.probe import SelectionProbe
 from vllm_kvevict.pages.requests import (PageStats, RequestPages, RequestRegistry, RowInput,
                                          own_row_blocks)
@@ -21,7 +23,7 @@ class PageRuntime(RequestRegistry):
 
     def __init__(self, layout: PageLayout, policy, digest: str, sparse_attention: bool,
                  store: HostPageStore, block_format: BlockFormat, num_layers: int,
-                 ops: PageOps | None = None):
+                 ops: PageOps | None = None, observation_window: int = 0):
         self.layout = layout
         self.policy = policy
         self.digest = digest
@@ -34,6 +36,16 @@ class PageRuntime(RequestRegistry):
         self.recalls = policy.recalls
         if not self.recalls:
             self.sparse_attention = True
+        # Anchors: the budget left besides sinks, window and top-k, per layer, holds the pages
+        # the prompt's last ``observation_window`` queries attend to most (chosen when it ends).
+        self.observation_window = observation_window
+        self.anchor_pages = 0
+        if (policy.anchors_observed_pages and self.recalls and not self.sparse_attention
+                and observation_window > 0):
+            self.anchor_pages = (layout.budget_pages - layout.sink_pages - layout.window_pages
+                                 - layout.top_k_pages)
+        self.scale = 1.0  # the layers' softmax scale, set by bind
+        self._keys: BlockKeys | None = None
         self.requests: dict[str, RequestPages] = {}
         self.ops = ops  # chosen by the KV cache's device at the first plan unless given
         self.probe: SelectionProbe | None = None  # set by benchmarks
@@ -63,6 +75,7 @@ class PageRuntime(RequestRegistry):
     def bind(self, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int, scale: float) -> None:
         """Allocate the host store and digests once the KV cache exists."""
         self.store.bind(kv_cache, self.format, num_kv_heads, head_dim)
+        self.scale = scale
 
     # --- per step ------------------------------------------------------------------------------
 
@@ -104,7 +117,7 @@ class PageRuntime(RequestRegistry):
             if not prefilling and (len(evicted) or restricts):
                 selections.append(self._selection(i, last_token, state, num_full, partial))
                 self._stats.selections += 1
-                if self.sparse_attention:
+                if self.sparse_attention:  # no anchors: sinks + top-k + window
                     num_selected = layout.selected_pages(num_full, partial)
                     sparse[i] = num_selected * bs + seq_len % bs
             elif prefilling and seq_len >= row.num_prompt:
@@ -113,11 +126,13 @@ class PageRuntime(RequestRegistry):
                     sel = self._selection(i, last_token, state, num_full, partial)
                     # Only blocks that stay owned receive kept pages.
                     sel.candidates = [c for c in sel.candidates if positions[c] not in after]
+                    sel.last_position = seq_len - 1
+                    sel.num_observed = min(self.observation_window, row.num_new)
                     prefill_ends.append(sel)
         backup = to_device({"blocks": torch.tensor(backup_blocks, dtype=torch.int64),
                             "hosts": torch.tensor(backup_hosts, dtype=torch.int64)}, device)
         batch = lambda rows: (  # noqa: E731
-            SelectionBatch(rows, self.num_layers, device) if rows else None)
+            SelectionBatch(rows, self.num_layers, device, self.anchor_pages) if rows else None)
         return StepPlan(backup["blocks"], backup["hosts"], batch(selections),
                         batch(prefill_ends), sparse)
 
@@ -128,7 +143,8 @@ class PageRuntime(RequestRegistry):
         window_full = layout.window_pages - (1 if partial else 0)
         return RowSelection(
             row=row, token=token, state=state, num_full=num_full, num_full_cols=num_full_cols,
-            num_keep=min(num_full, layout.sink_pages + window_full + layout.top_k_pages),
+            num_keep=min(num_full, layout.sink_pages + window_full + self.anchor_pages
+                         + layout.top_k_pages),
             pinned=(layout.sink_pages, max(0, num_full - window_full)),
             partial_block=state.block_ids[-1] if partial else -1,
             candidates=list(range(num_full_cols)))
@@ -159,14 +175,45 @@ class PageRuntime(RequestRegistry):
 
     def after_attention(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
                         plan: StepPlan) -> None:
-        """Rows that finished their prompt: move the best pages (scored with the last prompt
+        """Rows that finished their prompt: choose their anchors (the pages the last prompt
+        queries attend to most), then move them and the best pages (scored with the last prompt
         query) into the blocks that stay owned, before the scheduler frees the others."""
         batch = plan.prefill_ends
         if batch is None:
             return
+        if self.anchor_pages:
+            self._choose_anchors(layer, query, kv_cache, batch)
         self._select(layer, query, kv_cache, batch, from_host=False)
         if layer == self.num_layers - 1:
-            batch.commit()
+            batch.commit(anchors_chosen=self.anchor_pages > 0)
+
+    def _choose_anchors(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
+                        batch: SelectionBatch) -> None:
+        """Exact attention of each row's last ``num_observed`` prompt queries over its full
+        pages (each page still in its own block); the ``A`` unpinned pages with the most mass,
+        summed over those queries, become the layer's anchors and are pinned."""
+        if self._keys is None:
+            self._keys = BlockKeys.of(self.format, kv_cache)
+        bs, window = self.layout.block_size, self.observation_window
+        back = torch.arange(window - 1, -1, -1, device=batch.tokens.device)  # [W]
+        observed = back < batch.num_observed[:, None]  # [R, W]
+        tokens = torch.where(observed, batch.tokens[:, None] - back, batch.tokens[:, None])
+        num_pages = batch.valid.shape[1]
+        blocks = batch.blocks[:, :num_pages]  # page p in column p: nothing evicted yet
+        logits = self._keys.logits(kv_cache, blocks, query[tokens], self.scale)
+        offsets = torch.arange(bs, device=blocks.device)
+        pages = torch.arange(num_pages, device=blocks.device)
+        key_positions = torch.where(batch.valid[:, :, None], pages[:, None] * bs + offsets,
+                                    torch.iinfo(torch.int64).max)  # padding: never seen
+        mass = page_mass_from_logits(logits, key_positions, batch.last_positions[:, None] - back)
+        mass = (mass * observed[..., None]).sum(1)  # [R, P]
+        pinned = batch.pinned[layer]
+        ranked = mass.masked_fill(pinned | ~batch.valid, float("-inf"))
+        count = min(self.anchor_pages, num_pages)
+        values, best = ranked.topk(count, dim=1)
+        anchors = torch.where(values > float("-inf"), best, -1)
+        batch.anchors[layer, :, :count] = anchors
+        pin_pages(pinned, anchors)
 
     def _select(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
                 batch: SelectionBatch, from_host: bool) -> torch.Tensor:
@@ -177,7 +224,7 @@ class PageRuntime(RequestRegistry):
             source = self.store.pages[layer] if from_host else kv_cache
         keep, scores, moved = self.ops.select(self.policy, query[batch.tokens],
                                               self.store.digests[layer], batch, batch.held[layer],
-                                              kv_cache, source, from_host)
+                                              batch.pinned[layer], kv_cache, source, from_host)
         if source is not None:
             self._copies[1] += moved
             if from_host:
@@ -189,12 +236,10 @@ class PageRuntime(RequestRegistry):
     def _probe(self, layer: int, query: torch.Tensor, batch: SelectionBatch,
                scores: torch.Tensor) -> None:
         """Benchmarks only: compare each row's digest ranking with exact attention."""
-        layout = self.layout
         for i in range(len(batch)):
             n = int(batch.valid[i].sum())
-            window_full = int(batch.pinned[i, layout.sink_pages:n].sum())
             pages = self.store.pages[layer][batch.host_ids[i, :n].cpu()]
             self.probe.record(query[batch.tokens[i]].cpu(), self.format.keys(pages).cpu(),
-                              scores[i, :n].cpu(), layout.sink_pages, window_full,
-                              layout.top_k_pages)
+                              scores[i, :n].cpu(), batch.pinned[layer, i, :n].cpu(),
+                              self.layout.top_k_pages)
 

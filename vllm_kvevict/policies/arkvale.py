@@ -24,6 +24,7 @@ class ArkVale(PageSelectionPolicy):
     name = "arkvale"
 
     digest_bound_score = True
+    anchors_observed_pages = True
 
     def score(self, query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         return score_pages(query, hi, lo, per_kv_head=False)

@@ -46,6 +46,10 @@ class PageSelectionPolicy(EvictionPolicy):
     # True: ``score`` is the digest upper bound averaged over all query heads
     # (``score_pages(per_kv_head=False)``), which the CUDA scoring kernel computes.
     digest_bound_score: ClassVar[bool] = False
+    # True: the budget left besides sinks, window and top-k holds, per layer, the prompt pages
+    # the last prompt queries attend to most (exact attention when the prompt ends), kept for
+    # the request's life (recalling policies without sparse attention).
+    anchors_observed_pages: ClassVar[bool] = False
 
     def score(self, query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         """``[num_pages]`` scores (higher = keep) of pages with digests ``hi``/``lo``
