@@ -81,9 +81,9 @@ class FakeEngine:
         self.store = HostPageStore(host_pages, LAYERS)
         self.store.bind(self.kv[0], self.fmt, KV_HEADS, HEAD_DIM)
         self.layout = layout
-        self.runtime = runtime or PageRuntime(layout, get_policy(policy), "cuboid-mean", sparse,
-                                              self.store, self.fmt, LAYERS, ops,
-                                              observation_window=observation_window)
+        self.runtime = runtime or PageRuntime(
+            layout, get_policy(policy), "cuboid-mean", sparse, self.store, self.fmt, LAYERS, ops,
+            observation_window=observation_window)
         # Seeded here: the outcome must not depend on which tests ran before in the process.
         self.rng = torch.Generator().manual_seed(0)
         self.page_keys = torch.randn(200, HEAD_DIM, generator=self.rng)  # page p's keys: near it

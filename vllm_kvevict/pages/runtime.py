@@ -242,4 +242,3 @@ class PageRuntime(RequestRegistry):
             self.probe.record(query[batch.tokens[i]].cpu(), self.format.keys(pages).cpu(),
                               scores[i, :n].cpu(), batch.pinned[layer, i, :n].cpu(),
                               self.layout.top_k_pages)
-
