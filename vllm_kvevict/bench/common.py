@@ -110,6 +110,16 @@ def bar_plot(names: list[str], values: list[float], ylabel: str, title: str, pat
     plt.close(fig)
 
 
+def annotate_percent(ax, grid) -> None:
+    """Write each non-NaN cell of a heat map's ``grid`` (fractions) as a percentage."""
+    import numpy as np
+
+    for (i, j), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center",
+                    color="white" if value < 0.6 else "black")
+
+
 def free_port() -> int:
     import socket
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_kvevict.bench.common import (close_llm, environment, label, markdown_table,
-                                       offline_llm, write_results)
+from vllm_kvevict.bench.common import (annotate_percent, close_llm, environment, label,
+                                       markdown_table, offline_llm, write_results)
 from vllm_kvevict.bench.passkey import _runs
 
 
@@ -163,10 +163,7 @@ def _plot(cells, configs, tasks, lengths, out_dir, name) -> None:
         ax.set_xlabel("prompt tokens")
         ax.set_title(task if task not in _PARTIAL else f"{task}\n(% of {_PARTIAL[task]})",
                      fontsize=10)
-        for (i, j), value in np.ndenumerate(grid):
-            if not np.isnan(value):
-                ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center",
-                        color="white" if value < 0.6 else "black")
+        annotate_percent(ax, grid)
     fig.suptitle("retrieval on natural prose (% exact unless stated)")
     fig.tight_layout()
     fig.savefig(f"{out_dir}/{name}.png", dpi=110)
