@@ -28,7 +28,7 @@ def engine(policy: str, observation_window: int = 4, cache=CACHES["cpu"]) -> Fak
 
 def held_pages(eng: FakeEngine, req: str = "a") -> list[set[int]]:
     state = eng.runtime.requests[req]
-    return [set(state.held[layer].tolist()) for layer in range(LAYERS)]
+    return [set(state.held[layer, :, 0].tolist()) for layer in range(LAYERS)]
 
 
 @pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv", "lra", "lfa"])
@@ -83,7 +83,7 @@ def test_nothing_moves_while_the_budget_covers_the_context():
         plan, _ = eng.step({"a": 1}, {"a": 3 * BS}, favour={"a": 1})
         assert all(obs.survivors is None for obs in plan.observed)
     state = eng.runtime.requests["a"]
-    assert state.held[0].tolist() == state.positions
+    assert state.held[0, :, 0].tolist() == state.positions
     assert eng.runtime.stats.evicted == 0
 
 
@@ -118,7 +118,7 @@ class RowByRowRuntime(AttentionStatsRuntime):
 
     def after_attention(self, layer, query, kv_cache, plan):
         for obs in plan.observed:
-            held, stats = obs.state.held[layer], obs.state.attention[layer]
+            held, stats = obs.state.held[layer, :, 0], obs.state.attention[layer]
             if obs.num_queries:
                 self._observe_row(query, kv_cache, obs, held, stats)
             if obs.survivors is not None:

@@ -43,6 +43,10 @@ def test_layout_uses_block_size():
     ({"digest": "sphere"}, "unknown --kv-digest 'sphere'; choose one of: cuboid-mean, cuboid-max"),
     ({"sparse_attention": "maybe"}, "--kv-sparse-attention must be true or false, got 'maybe'"),
     ({"top_k_tokens": -1}, "--kv-top-k-tokens must be a positive integer, got -1"),
+    ({"per_head_selection": "some"}, "--kv-per-head-selection must be true or false, got 'some'"),
+    ({"per_head_selection": True, "sparse_attention": True},
+     "--kv-per-head-selection needs attention over every resident page; drop "
+     "--kv-sparse-attention or pass --no-kv-per-head-selection"),
 ])
 def test_arkvale_settings_are_validated(raw, message):
     with pytest.raises(EvictionConfigError) as info:
@@ -55,6 +59,14 @@ def test_arkvale_settings_from_strings():
                                        "sparse_attention": "true", "top_k_tokens": "128"})
     assert (config.host_space_gib, config.sparse_attention, config.top_k_tokens) == (0.5, True, 128)
     assert config.host_space_bytes == 1 << 29
+    assert not config.selects_per_head  # one block table serves every head under sparse attention
+
+
+def test_per_head_selection_is_on_unless_sparse_attention():
+    assert EvictionConfig(policy="arkvale").selects_per_head
+    assert not EvictionConfig(policy="arkvale", per_head_selection=False).selects_per_head
+    assert EvictionConfig.from_dict({"policy": "arkvale",
+                                     "per_head_selection": "off"}).per_head_selection is False
 
 
 def test_top_k_default_follows_arkvale_and_fits_the_budget():

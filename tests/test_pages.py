@@ -71,7 +71,8 @@ class FakeEngine:
     """One worker's KV cache, a scheduler's block table and the page runtime."""
 
     def __init__(self, sparse=False, host_pages=64, policy="arkvale", layout=LAYOUT,
-                 runtime=None, cache=CACHES["cpu"], ops=None, observation_window=0):
+                 runtime=None, cache=CACHES["cpu"], ops=None, observation_window=0,
+                 per_head=False):
         self.cache = cache
         self.kv = cache.caches()
         self.free = list(range(1, NUM_BLOCKS))
@@ -83,14 +84,15 @@ class FakeEngine:
         self.layout = layout
         self.runtime = runtime or PageRuntime(
             layout, get_policy(policy), "cuboid-mean", sparse, self.store, self.fmt, LAYERS, ops,
-            observation_window=observation_window)
+            observation_window=observation_window, per_head=per_head)
+        self.runtime.bind(self.kv[0], KV_HEADS, HEAD_DIM, 1.0)
         # Seeded here: the outcome must not depend on which tests ran before in the process.
         self.rng = torch.Generator().manual_seed(0)
         self.page_keys = torch.randn(200, HEAD_DIM, generator=self.rng)  # page p's keys: near it
 
     def step(self, batch: dict[str, int], prompts: dict[str, int], favour: dict[str, int]):
         """Run one step: ``batch`` maps request -> tokens to compute; ``favour`` the page whose
-        keys each request's last query should point at."""
+        keys each request's last query should point at (or a tuple: one page per KV head)."""
         rows, first = [], 0
         for req, num_new in batch.items():
             num_computed = self.computed.setdefault(req, 0)
@@ -120,7 +122,9 @@ class FakeEngine:
                                                                               HEAD_DIM)
                 self.cache.write(self.kv[layer], slots, keys, values)
             last = row.first_token + row.num_new - 1
-            query[last] = 10 * self.page_keys[favour.get(row.req_id, 0)]
+            pages = favour.get(row.req_id, 0)
+            pages = pages if isinstance(pages, tuple) else (pages,) * KV_HEADS
+            query[last] = 10 * self.page_keys[list(pages)].repeat_interleave(GROUP, dim=0)
         tables = {}
         for layer in range(LAYERS):
             attended = self.runtime.before_attention(layer, query, self.kv[layer], plan)
@@ -134,29 +138,43 @@ class FakeEngine:
             self.computed[row.req_id] += row.num_new
         return plan, tables
 
-    def page_in_block(self, layer: int, block: int) -> int:
-        """The page a block holds in ``layer``, read from the cache itself."""
+    def page_in_block(self, layer: int, block: int, head: int | None = None) -> int:
+        """The page a block holds in ``layer`` (every head, or ``head``), read from the cache
+        itself."""
         values = self.cache.value(self.kv[layer], block, 0)
+        if head is not None:
+            values = values[head]
         assert (values == values.flatten()[0]).all()
         return int(values.flatten()[0]) - 100 * layer
 
-    def held_by_content(self, req: str, layer: int) -> list[int]:
+    def held_by_content(self, req: str, layer: int, head: int | None = None) -> list[int]:
         state = self.runtime.requests[req]
-        return [self.page_in_block(layer, b) for b in state.block_ids]
+        return [self.page_in_block(layer, b, head) for b in state.block_ids]
 
     def check_invariants(self, req: str) -> None:
+        state = self.runtime.requests[req]
+        for head in range(state.heads):
+            self._check_placement(req, head if state.heads > 1 else None)
+
+    def _check_placement(self, req: str, head: int | None) -> None:
         state = self.runtime.requests[req]
         seq_len = self.computed[req]
         num_full = seq_len // BS
         for layer in range(LAYERS):
-            held = state.held[layer].tolist()
-            assert held == self.held_by_content(req, layer)  # the table is the truth
+            held = state.held[layer, :, head or 0].tolist()
+            assert held == self.held_by_content(req, layer, head)  # the table is the truth
             full = [p for p, pos in zip(held, state.positions) if pos < num_full]
             assert len(set(full)) == len(full)
             for p in range(self.layout.sink_pages):
                 assert held[state.positions.index(p)] == p
             if seq_len % BS:
                 assert held[-1] == num_full  # the page being filled, last
+
+
+def held_pages(state, layer: int) -> list[int]:
+    """The page each owned block holds in ``layer`` (one placement per block)."""
+    assert state.heads == 1
+    return state.held[layer, :, 0].tolist()
 
 
 def test_prompt_within_budget_backs_up_but_never_selects(cache):
@@ -194,7 +212,8 @@ def test_prefill_end_keeps_the_best_pages_and_decode_recalls_evicted_ones(cache)
     for layer in range(LAYERS):  # page 3 moved into a block that stays owned
         after = LAYOUT.evicted_pages(prompt, prefilling=False)
         state = engine.runtime.requests["a"]
-        kept = [h for h, pos in zip(state.held[layer].tolist(), state.positions) if pos not in after]
+        kept = [h for h, pos in zip(held_pages(state, layer), state.positions)
+                if pos not in after]
         assert 3 in kept
     recalled_before = engine.runtime.stats.recalled
     for favour in (3, 5, 7, 5, 9, 2):
@@ -203,7 +222,7 @@ def test_prefill_end_keeps_the_best_pages_and_decode_recalls_evicted_ones(cache)
         engine.check_invariants("a")
         state = engine.runtime.requests["a"]
         for layer in range(LAYERS):
-            assert favour in state.held[layer].tolist()
+            assert favour in held_pages(state, layer)
         assert len(state.positions) <= LAYOUT.max_resident_pages
     assert engine.runtime.stats.recalled > recalled_before
     engine.runtime.release("a")
@@ -216,8 +235,8 @@ def test_anchors_keep_what_the_prompts_last_queries_attend_to(cache):
     prompt = 12 * BS + 2
     engine.step({"a": prompt}, {"a": prompt}, {"a": 5})  # the last prompt query favours page 5
     state = engine.runtime.requests["a"]
-    assert state.anchors.shape == (LAYERS, 2)
-    assert state.anchors[:, 0].tolist() == [5] * LAYERS  # the most attended page first
+    assert state.anchors.shape == (LAYERS, 1, 2)
+    assert state.anchors[:, 0, 0].tolist() == [5] * LAYERS  # the most attended page first
     assert all(0 < p < 12 for p in state.anchors.flatten().tolist())  # neither sink nor window
     for favour in (8, 3, 9, 1, 7):  # decode queries favour other pages: anchors stay
         plan, _ = engine.step({"a": 1}, {"a": prompt}, {"a": favour})
@@ -225,10 +244,38 @@ def test_anchors_keep_what_the_prompts_last_queries_attend_to(cache):
         assert plan.selections.num_keep.tolist() == [1 + window_full + 2 + 2]
         for layer in range(LAYERS):
             held = engine.held_by_content("a", layer)
-            assert set(state.anchors[layer].tolist()) <= set(held)
+            assert set(state.anchors[layer, 0].tolist()) <= set(held)
             assert favour in held
         engine.check_invariants("a")
     assert engine.runtime.stats.recalled > 0
+
+
+def test_per_head_selection_gives_each_kv_head_its_own_pages(cache):
+    engine = FakeEngine(cache=cache, per_head=True, observation_window=2)
+    assert engine.runtime.page_heads == KV_HEADS
+    prompt = 12 * BS + 2
+    engine.step({"a": prompt}, {"a": prompt}, {"a": (5, 9)})  # each head's last query
+    state = engine.runtime.requests["a"]
+    assert state.held.shape[2] == KV_HEADS and state.anchors.shape == (LAYERS, KV_HEADS, 2)
+    assert state.anchors[:, :, 0].tolist() == [[5, 9]] * LAYERS
+    for favour in ((3, 8), (8, 3), (2, 10), (6, 1)):
+        engine.step({"a": 1}, {"a": prompt}, {"a": favour})
+        engine.check_invariants("a")
+        for layer in range(LAYERS):
+            for head, page in enumerate(favour):
+                assert page in engine.held_by_content("a", layer, head)
+                assert set(state.anchors[layer, head].tolist()) <= set(state.held[layer, :, head]
+                                                                       .tolist())
+    assert not torch.equal(state.held[..., 0], state.held[..., 1])  # heads hold different pages
+    assert len(state.positions) <= LAYOUT.max_resident_pages
+    assert engine.runtime.stats.recalled > 0
+    engine.runtime.release("a")
+    assert engine.store.used_pages == 0
+
+
+def test_per_head_selection_is_off_under_sparse_attention():
+    assert not FakeEngine(per_head=True, sparse=True).runtime.per_head
+    assert FakeEngine(per_head=True, sparse=True).runtime.page_heads == 1
 
 
 def test_sparse_attention_has_no_anchors(cache):
@@ -247,7 +294,7 @@ def test_decode_across_page_boundaries_keeps_the_window_and_sinks(cache):
         num_full = engine.computed["a"] // BS
         window_page = num_full - 1 if engine.computed["a"] % BS == 0 else num_full
         for layer in range(LAYERS):
-            assert window_page in state.held[layer].tolist()
+            assert window_page in held_pages(state, layer)
     assert engine.store.used_pages == engine.computed["a"] // BS
 
 
@@ -332,7 +379,7 @@ def test_quest_keeps_every_page_and_attends_over_the_selection(cache):
     state = engine.runtime.requests["a"]
     assert state.positions == list(range(11))  # nothing freed, nothing moved
     for layer in range(LAYERS):
-        assert state.held[layer].tolist() == list(range(11))
+        assert held_pages(state, layer) == list(range(11))
         pages = [engine.page_in_block(layer, b) for b in tables[layer][0].tolist()]
         assert pages[-1] == 10 and 0 in pages and 6 in pages and len(pages) == selected + 1
     assert engine.runtime.stats.recalled == 0 and engine.store.used_pages == 0

@@ -105,7 +105,7 @@ class StatsBatch:
         held = torch.full((num_layers, rows, num_cols), capacity, dtype=torch.int64)
         for i, obs in enumerate(order):
             blocks[i, :len(obs.blocks)] = torch.tensor(obs.blocks)
-            held[:, i, :len(obs.blocks)] = obs.state.held
+            held[:, i, :len(obs.blocks)] = obs.state.held[..., 0]
         host = {"blocks": blocks, "held": held}  # moved to the device in one copy, below
         # Statistics live on the device: gathered there (no host copy).
         self.stats = torch.zeros((num_layers, rows, NUM_STATS, capacity + 1), dtype=torch.float32,
@@ -169,7 +169,7 @@ class StatsBatch:
             held = self.held.cpu()
             for i, obs in enumerate(self.rows):
                 if obs.survivors is not None:
-                    obs.state.held.copy_(held[:, i, :obs.state.held.shape[1]])
+                    obs.state.held[..., 0].copy_(held[:, i, :obs.state.held.shape[1]])
 
 
 @dataclasses.dataclass

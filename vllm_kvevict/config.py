@@ -54,6 +54,9 @@ class EvictionConfig:
             the request's life in the budget left besides sinks, window and top-k.
         recent_ratio: share of the budget held as the recent window; ``None``: ``window_tokens``
             alone. The window is the larger of the two.
+        per_head_selection: (arkvale) each KV head selects its own pages, and each head's
+            slice of a block holds the page that head selected; ``None``: on unless
+            ``sparse_attention`` (one block table serves every head there).
     """
 
     policy: str = "none"
@@ -66,6 +69,7 @@ class EvictionConfig:
     digest: str = "cuboid-mean"
     observation_window: int = DEFAULT_OBSERVATION_WINDOW
     recent_ratio: float | None = None
+    per_head_selection: bool | None = None
 
     def __post_init__(self) -> None:
         from vllm_kvevict.policies import POLICY_REGISTRY
@@ -85,9 +89,15 @@ class EvictionConfig:
         if isinstance(host, bool) or not isinstance(host, (int, float)) or not host > 0:
             raise EvictionConfigError(f"--kv-host-space must be a positive number of GiB, "
                                       f"got {host!r}")
-        if not isinstance(self.sparse_attention, bool):
-            raise EvictionConfigError(f"--kv-sparse-attention must be true or false, "
-                                      f"got {self.sparse_attention!r}")
+        for name in ("sparse_attention", "per_head_selection"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "per_head_selection"
+                                                    and value is None):
+                raise EvictionConfigError(f"{_flag(name)} must be true or false, got {value!r}")
+        if self.per_head_selection and self.sparse_attention:
+            raise EvictionConfigError("--kv-per-head-selection needs attention over every "
+                                      "resident page; drop --kv-sparse-attention or pass "
+                                      "--no-kv-per-head-selection")
         ratio = self.recent_ratio
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
                                   or not 0 < ratio < 1):
@@ -132,6 +142,14 @@ class EvictionConfig:
         return cls.from_additional_config(getattr(vllm_config, "additional_config", None))
 
     @property
+    def selects_per_head(self) -> bool:
+        """Whether selecting policies place pages per KV head (``per_head_selection``
+        resolved)."""
+        if self.per_head_selection is None:
+            return not self.sparse_attention
+        return self.per_head_selection
+
+    @property
     def host_space_bytes(self) -> int:
         return int(self.host_space_gib * (1 << 30))
 
@@ -163,13 +181,13 @@ def _parse_string(name: str, value: str) -> Any:
     """A setting given as text (``--additional-config.kv_eviction.<name> VALUE``)."""
     if name in ("policy", "digest"):
         return value
-    if name == "sparse_attention":
+    if name in ("sparse_attention", "per_head_selection"):
         lowered = value.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-        raise EvictionConfigError(f"--kv-sparse-attention must be true or false, got {value!r}")
+        raise EvictionConfigError(f"{_flag(name)} must be true or false, got {value!r}")
     try:
         return float(value) if name in ("host_space_gib", "recent_ratio") else int(value)
     except ValueError:

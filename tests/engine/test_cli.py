@@ -42,7 +42,8 @@ def test_flag_group_offers_implemented_policies_only(serve_parser):
     group = next(g for g in serve._action_groups if g.title == GROUP_TITLE)
     actions = {a.option_strings[0]: a for a in group._group_actions}
     assert sorted(actions) == ["--kv-budget", "--kv-digest", "--kv-eviction-policy",
-                               "--kv-host-space", "--kv-observation-window", "--kv-recent-ratio",
+                               "--kv-host-space", "--kv-observation-window",
+                               "--kv-per-head-selection", "--kv-recent-ratio",
                                "--kv-sink-tokens", "--kv-sparse-attention", "--kv-top-k-tokens",
                                "--kv-window-tokens"]
     assert actions["--kv-eviction-policy"].choices == sorted(POLICY_REGISTRY)
@@ -76,7 +77,8 @@ def test_help_section_by_one_word(serve_parser, capsys, keyword):
     assert shown.startswith(f"{GROUP_TITLE}:\n")  # the group itself, not a flag-name match
     flags = sorted(set(re.findall(r"^\s+(--kv-[a-z-]+)", shown, re.MULTILINE)))
     assert flags == ["--kv-budget", "--kv-digest", "--kv-eviction-policy", "--kv-host-space",
-                     "--kv-observation-window", "--kv-recent-ratio", "--kv-sink-tokens",
+                     "--kv-observation-window", "--kv-per-head-selection", "--kv-recent-ratio",
+                     "--kv-sink-tokens",
                      "--kv-sparse-attention", "--kv-top-k-tokens", "--kv-window-tokens"]
     assert "--block-size" not in shown
 
@@ -407,6 +409,10 @@ def test_arkvale_flags_reach_additional_config(serve_parser, model_path):
     assert args.additional_config == {"kv_eviction": {
         "policy": "arkvale", "host_space_gib": 0.5, "sparse_attention": True,
         "digest": "cuboid-max", "top_k_tokens": 128}}
+    args = serve_engine_args(serve_parser, model_path, "--kv-eviction-policy", "arkvale",
+                             "--no-kv-per-head-selection")
+    assert args.additional_config == {"kv_eviction": {
+        "policy": "arkvale", "per_head_selection": False}}
 
 
 def test_attention_statistics_flags_reach_additional_config(serve_parser, model_path):

@@ -15,16 +15,23 @@ QUEST_LAYOUT = PageLayout(block_size=BS, budget_pages=40, sink_pages=1, window_p
 FLASH = ["flash-LBNHC", "flash-BLNHC", "flash-LBHNC"]
 
 
+# (policy, sparse attention): arkvale-per-head places pages per KV head, with anchors.
+CASES = [("arkvale", False), ("arkvale", True), ("quest", True), ("arkvale-per-head", False)]
+
+
 def _engine(cache, policy, sparse, ops):
     if policy == "quest":
         return FakeEngine(cache=CACHES[cache], policy="quest", host_pages=0, layout=QUEST_LAYOUT,
                           ops=ops)
+    if policy == "arkvale-per-head":
+        return FakeEngine(cache=CACHES[cache], ops=ops, per_head=True, observation_window=2)
     return FakeEngine(cache=CACHES[cache], sparse=sparse, ops=ops)
 
 
-def _scenario():
+def _scenario(per_head=False):
     """Steps of a mixed batch: two prompts, decodes across page boundaries with the favoured page
-    moving (recalls), a third prompt ending while the others decode."""
+    moving (recalls), a third prompt ending while the others decode; ``per_head``: the KV heads
+    favour different pages."""
     prompts = {"a": 11 * BS + 2, "b": 8 * BS, "c": 9 * BS + 3}
     yield {"a": prompts["a"], "b": prompts["b"]}, prompts, {"a": 3, "b": 2}
     for step in range(2 * BS + 3):
@@ -34,17 +41,18 @@ def _scenario():
         elif step > 3:
             batch["c"] = 1
         favour = {"a": 2 + step % 7, "b": 1 + (3 * step) % 6, "c": 4 - step % 3}
+        if per_head:
+            favour = {req: (page, 1 + (page + 3) % 7) for req, page in favour.items()}
         yield batch, prompts, favour
 
 
 @pytest.mark.parametrize("cache", FLASH)
-@pytest.mark.parametrize("policy, sparse", [("arkvale", False), ("arkvale", True),
-                                            ("quest", True)])
+@pytest.mark.parametrize("policy, sparse", CASES)
 def test_kernels_match_torch_through_the_runtime(cache, policy, sparse):
     torch_engine = _engine(cache, policy, sparse, PageOps(host_sync_free=False))
     kernel_engine = _engine(cache, policy, sparse, TritonPageOps())
     recalls = 0
-    for batch, prompts, favour in _scenario():
+    for batch, prompts, favour in _scenario(policy == "arkvale-per-head"):
         _, torch_tables = torch_engine.step(batch, prompts, favour)
         _, kernel_tables = kernel_engine.step(batch, prompts, favour)
         slots = [h for state in kernel_engine.runtime.requests.values() for h in state.host_ids]
@@ -68,12 +76,11 @@ def test_kernels_match_torch_through_the_runtime(cache, policy, sparse):
 
 
 @pytest.mark.parametrize("cache", ["cpu", "flash-LBNHC"])
-@pytest.mark.parametrize("policy, sparse", [("arkvale", False), ("arkvale", True),
-                                            ("quest", True)])
+@pytest.mark.parametrize("policy, sparse", CASES)
 def test_compiled_cpu_kernels_match_torch_through_the_runtime(cache, policy, sparse):
     torch_engine = _engine(cache, policy, sparse, PageOps(host_sync_free=True))
     compiled_engine = _engine(cache, policy, sparse, CompiledCPUPageOps(host_sync_free=True))
-    for batch, prompts, favour in _scenario():
+    for batch, prompts, favour in _scenario(policy == "arkvale-per-head"):
         _, torch_tables = torch_engine.step(batch, prompts, favour)
         _, compiled_tables = compiled_engine.step(batch, prompts, favour)
         for layer in range(LAYERS):
@@ -99,8 +106,7 @@ def test_workers_pick_kernels_on_cuda_and_compiled_kernels_on_cpu():
     assert type(cpu) is CompiledCPUPageOps and cpu.host_sync_free
 
 
-@pytest.mark.parametrize("policy, sparse", [("arkvale", False), ("arkvale", True),
-                                            ("quest", True)])
+@pytest.mark.parametrize("policy, sparse", CASES)
 def test_no_host_sync_per_layer_on_the_cuda_path(policy, sparse, monkeypatch):
     """Several rows and layers, recalls in most decode steps: the layers make no host sync; a
     step makes one per batch it commits (the updated page tables, after the last layer)."""
@@ -119,7 +125,7 @@ def test_no_host_sync_per_layer_on_the_cuda_path(policy, sparse, monkeypatch):
 
     monkeypatch.setattr(runtime, "before_attention", counted(runtime.before_attention))
     monkeypatch.setattr(runtime, "after_attention", counted(runtime.after_attention))
-    steps = list(_scenario())
+    steps = list(_scenario(policy == "arkvale-per-head"))
     engine.step(*steps[0])  # prompts (not counted)
     calls.clear()
     commits = 0

@@ -55,10 +55,11 @@ def page_attention_mass(queries: torch.Tensor, keys: torch.Tensor, key_positions
 
 
 def page_mass_from_logits(logits: torch.Tensor, key_positions: torch.Tensor,
-                          query_positions: torch.Tensor) -> torch.Tensor:
+                          query_positions: torch.Tensor, per_kv_head: bool = False) -> torch.Tensor:
     """:func:`page_attention_mass` from the scaled products ``scale * q . k``: ``logits``
     ``[..., n, num_kv_heads, group, pages * page_size]``, keys in page order, in any float
-    dtype (the softmax is taken in float32). Returns ``[..., n, pages]`` float32."""
+    dtype (the softmax is taken in float32). Returns ``[..., n, pages]`` float32, or
+    ``[..., n, num_kv_heads, pages]`` (``per_kv_head``: no mean over KV heads)."""
     num_pages, page_size = key_positions.shape[-2:]
     seen = (key_positions.flatten(-2).to(query_positions.device).unsqueeze(-2)
             <= query_positions.unsqueeze(-1))                          # [..., n, t]
@@ -66,7 +67,8 @@ def page_mass_from_logits(logits: torch.Tensor, key_positions: torch.Tensor,
     probs = logits.softmax(-1, dtype=torch.float32).unflatten(-1, (num_pages, page_size))
     # Tokens to pages, in one pass with the mean over the group's query heads (GQA); then the
     # mean over KV heads.
-    return probs.sum((-3, -1)).div_(probs.shape[-3]).mean(-2)
+    mass = probs.sum((-3, -1)).div_(probs.shape[-3])
+    return mass if per_kv_head else mass.mean(-2)
 
 
 def attended(mass: torch.Tensor, seen_tokens: torch.Tensor) -> torch.Tensor:

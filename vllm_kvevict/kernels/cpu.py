@@ -17,16 +17,18 @@ NO_PLACEMENT, FROM_HOST, WITHIN_CACHE = 0, 1, 2
 # Sums may be reordered (vectorised); infinities stay exact (pinned pages rank +inf).
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def select_pages(query, digests, host_ids, num_full, pinned, num_keep, held, candidates, blocks,
-                 source, cache, mode, keep, scores):
-    """Score, keep and place pages for every row; returns the pages moved.
+                 head_of_row, source, cache, mode, keep, scores):
+    """Score, keep and place pages for every selection row; returns the (head) pages moved.
 
     Args:
-        query: ``[R, heads, head_dim]`` float32, one query per row.
+        query: ``[R, heads, head_dim]`` float32, one query per row: every query head, or
+            the query heads reading the row's KV head.
         digests: ``[slots, 2, kv_heads, head_dim]`` float32 (``hi``, ``lo``).
         host_ids, pinned: ``[R, P]`` digest slot of each page; pages always kept.
         num_full, num_keep: ``[R]`` pages of the row; pages it keeps.
         held, candidates, blocks: ``[R, C]`` page per column (updated), columns that may
             receive a kept page, block per column.
+        head_of_row: ``[R]`` the KV head a row scores and moves, -1: all of them.
         source, cache: page tensors (integer views, pages on dimension 0): where kept pages
             come from (host store: ``FROM_HOST``, by host id; the cache: ``WITHIN_CACHE``, by
             the page's own column) and the layer's KV cache.
@@ -35,18 +37,21 @@ def select_pages(query, digests, host_ids, num_full, pinned, num_keep, held, can
     """
     rows, heads, head_dim = query.shape
     kv_heads = digests.shape[2]
-    group = heads // kv_heads
     num_cols = held.shape[1]
     bounds = np.empty((2, kv_heads, head_dim), dtype=np.float32)
     moved = 0
     for r in range(rows):
+        first_head, last_head = 0, kv_heads
+        if head_of_row[r] >= 0:
+            first_head, last_head = head_of_row[r], head_of_row[r] + 1
+        group = heads // (last_head - first_head)
         # max(q hi, q lo) = max(q, 0) hi + min(q, 0) lo, summed over the group's heads.
-        for k in range(kv_heads):
+        for k in range(first_head, last_head):
             for d in range(head_dim):
                 positive = np.float32(0.0)
                 negative = np.float32(0.0)
                 for g in range(group):
-                    v = query[r, k * group + g, d]
+                    v = query[r, (k - first_head) * group + g, d]
                     if v > 0:
                         positive += v
                     else:
@@ -59,7 +64,7 @@ def select_pages(query, digests, host_ids, num_full, pinned, num_keep, held, can
             slot = host_ids[r, p]
             total = np.float32(0.0)
             for b in range(2):
-                for k in range(kv_heads):
+                for k in range(first_head, last_head):
                     for d in range(head_dim):
                         total += digests[slot, b, k, d] * bounds[b, k, d]
             scores[r, p] = total / heads
@@ -99,7 +104,10 @@ def select_pages(query, digests, host_ids, num_full, pinned, num_keep, held, can
             page = missing[i]
             col = victim_cols[ranked_victims[i]]
             src = host_ids[r, page] if mode == FROM_HOST else blocks[r, page]
-            cache[blocks[r, col]] = source[src]
+            if head_of_row[r] >= 0:
+                cache[blocks[r, col], head_of_row[r]] = source[src, head_of_row[r]]
+            else:
+                cache[blocks[r, col]] = source[src]
             held[r, col] = page
             moved += 1
     return moved

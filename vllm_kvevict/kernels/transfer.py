@@ -3,8 +3,8 @@
 A page tensor is ``[num_pages, kv_heads, block_size, row]`` with a contiguous last dimension and
 any other strides (vLLM 0.32's FlashAttention layer views in every ``KVCacheLayout``; the host
 store). Pair ``i`` copies page ``src_ids[i]`` of ``src`` over page ``dst_ids[i]`` of ``dst`` when
-``valid[i]``; pairs come padded (``[rows, width]`` from the page runtime), so the caller never
-needs to know on the host how many copies there are.
+``valid[i]`` (every KV head, or only KV head ``heads[i]``); pairs come padded (``[rows, width]``
+from the page runtime), so the caller never needs to know on the host how many copies there are.
 
 On CUDA a host-store tensor is read or written in place through its device view (pinned memory,
 unified addressing): no staging copy and no host synchronisation. Reference:
@@ -19,12 +19,16 @@ from vllm_kvevict.kernels.launch import Kernel, power_of_two
 from vllm_kvevict.paging import INT_OF_WIDTH
 
 
-def _copy_kernel(src, dst, src_ids, dst_ids, valid,
+def _copy_kernel(src, dst, src_ids, dst_ids, valid, heads,
                  src_page, src_head, src_token, dst_page, dst_head, dst_token, block_size, row,
-                 BLOCK_T: tl.constexpr, ROW: tl.constexpr):
-    """One program per (pair, KV head): the head's ``block_size x row`` tile of the page."""
+                 BLOCK_T: tl.constexpr, ROW: tl.constexpr, ONE_HEAD: tl.constexpr):
+    """One program per (pair, KV head): the head's ``block_size x row`` tile of the page
+    (``ONE_HEAD``: one program per pair, for its head ``heads[pair]``)."""
     pair = tl.program_id(0)
-    head = tl.program_id(1)
+    if ONE_HEAD:
+        head = tl.load(heads + pair).to(tl.int64)
+    else:
+        head = tl.program_id(1)
     tokens = block_size * tl.load(valid + pair).to(tl.int32)  # 0: a masked pair
     s = tl.load(src_ids + pair).to(tl.int64)
     d = tl.load(dst_ids + pair).to(tl.int64)
@@ -42,10 +46,12 @@ COPY = Kernel(_copy_kernel)
 
 
 def copy_pages(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor,
-               dst_ids: torch.Tensor, valid: torch.Tensor, device: torch.device) -> None:
-    """Copy page ``src_ids[i]`` of ``src`` over page ``dst_ids[i]`` of ``dst`` where ``valid[i]``.
+               dst_ids: torch.Tensor, valid: torch.Tensor, device: torch.device,
+               heads: torch.Tensor | None = None) -> None:
+    """Copy page ``src_ids[i]`` of ``src`` over page ``dst_ids[i]`` of ``dst`` where ``valid[i]``:
+    every KV head, or, given ``heads``, KV head ``heads[i]`` only.
 
-    ``src_ids``, ``dst_ids`` and ``valid`` have one shape (flattened here) and live on
+    ``src_ids``, ``dst_ids``, ``valid`` (and ``heads``) have one shape (flattened here) and live on
     ``device``; ``src``/``dst`` are on ``device`` or are its host-store tensors (on CUDA: pinned
     device views, see :func:`host_view`). Destination pages of valid pairs are distinct.
     """
@@ -60,20 +66,28 @@ def copy_pages(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor,
         return
     bits = INT_OF_WIDTH[dst.element_size()]  # the interpreter reads halves only through a cast
     src_bits, dst_bits = src.view(bits), dst.view(bits)
-    COPY.on(device)[(pairs, kv_heads)](
+    one_head = heads is not None
+    head_ids = (heads if one_head else valid).reshape(-1).to(torch.int32)
+    COPY.on(device)[(pairs, 1 if one_head else kv_heads)](
         src_bits, dst_bits, src_ids.reshape(-1).to(torch.int32),
-        dst_ids.reshape(-1).to(torch.int32), valid.reshape(-1).to(torch.int8),
+        dst_ids.reshape(-1).to(torch.int32), valid.reshape(-1).to(torch.int8), head_ids,
         src.stride(0), src.stride(1), src.stride(2), dst.stride(0), dst.stride(1), dst.stride(2),
-        block_size, row, BLOCK_T=power_of_two(block_size), ROW=power_of_two(row))
+        block_size, row, BLOCK_T=power_of_two(block_size), ROW=power_of_two(row),
+        ONE_HEAD=one_head)
 
 
 def copy_pages_reference(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor,
-                         dst_ids: torch.Tensor, valid: torch.Tensor) -> None:
+                         dst_ids: torch.Tensor, valid: torch.Tensor,
+                         heads: torch.Tensor | None = None) -> None:
     """:func:`copy_pages` in torch (boolean indexing: a host sync on an accelerator)."""
     valid = valid.reshape(-1)
     take = src_ids.reshape(-1)[valid].to(src.device)
     into = dst_ids.reshape(-1)[valid].to(dst.device)
-    dst.index_copy_(0, into, src.index_select(0, take).to(dst.device))
+    if heads is None:
+        dst.index_copy_(0, into, src.index_select(0, take).to(dst.device))
+        return
+    head = heads.reshape(-1)[valid]
+    dst[into, head.to(dst.device)] = src[take, head.to(src.device)].to(dst.device)
 
 
 def host_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:

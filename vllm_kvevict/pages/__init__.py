@@ -16,11 +16,14 @@ Plain torch; vLLM glue (``vllm_kvevict.engine``) only feeds it the batch and the
   copied from host into the owned blocks holding the lowest-scored pages that were not kept.
 
 Because layers choose different pages, one block holds different logical pages in different
-layers: :class:`RequestPages` keeps, per layer, which page each owned block holds. Keys carry their
-original RoPE positions, so attention over any set of blocks is attention over the pages they
-hold, in any order, as long as the page being filled comes last.
+layers: :class:`RequestPages` keeps, per layer, which page each owned block holds. With per-head
+selection (arkvale's default) each KV head scores, anchors, keeps and recalls on its own, and
+each head's slice of a block holds the page that head chose: the table is then per layer and KV
+head, and everything below holds per head. Keys carry their original RoPE positions, so
+attention over any set of blocks is attention over the pages they hold, in any order, as long
+as the page being filled comes last; a head reads only its own slice of each block.
 
-Invariants (per request, per layer):
+Invariants (per request, per layer, per placement):
 
 * between steps (after the scheduler's frees), every owned block at a full position holds a
   distinct backed-up page; the block of the page being filled holds that page;

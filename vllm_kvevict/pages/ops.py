@@ -27,12 +27,17 @@ class PageOps:
         # True on CPU: reading a tensor's value costs nothing, so empty work may be skipped.
         self.host_sync_free = host_sync_free
 
-    def score(self, policy, query: torch.Tensor, digests: torch.Tensor, host_ids: torch.Tensor,
-              num_pages: torch.Tensor) -> torch.Tensor:
-        """``[R, P]`` scores of each row's pages ``host_ids`` (digest slots) for its query
-        ``[R, heads, head_dim]``; entries past ``num_pages[r]`` are unspecified."""
-        rows, num_pages = host_ids.shape
-        box = digests.index_select(0, host_ids.flatten()).unflatten(0, (rows, num_pages))
+    def score(self, policy, query: torch.Tensor, digests: torch.Tensor,
+              batch: SelectionBatch) -> torch.Tensor:
+        """``[rows, P]`` scores of each selection row's pages (digest slots ``host_ids``) for its
+        query (:meth:`SelectionBatch.queries`): over all KV heads, or, with one placement per
+        KV head, over the row's head; entries past ``num_full`` are unspecified."""
+        host_ids = batch.host_ids
+        if batch.heads == 1:
+            rows, num_pages = host_ids.shape
+            box = digests.index_select(0, host_ids.flatten()).unflatten(0, (rows, num_pages))
+        else:  # [rows, P, 2, 1, head_dim]: the row's KV head only
+            box = digests[host_ids, :, batch.head_of_row[:, None]].unsqueeze(3)
         if policy.digest_bound_score:
             return score_packed_pages(query, box)
         return policy.score(query, box[:, :, 0], box[:, :, 1])
@@ -44,9 +49,10 @@ class PageOps:
         """One layer's selection for every row of ``batch``: scores, the keep mask (the
         ``pinned`` pages, then the best-scored) and, unless ``source`` is None, the kept pages
         made resident (:meth:`place_kept`). Returns ``(keep [R, P], scores [R, P], pages
-        moved)``; ``query`` is ``[R, heads, head_dim]``, ``held`` this layer's ``[R, C]`` page
-        per column (updated in place), ``pinned`` its ``[R, P]`` sinks, window and anchors."""
-        scores = self.score(policy, query, digests, batch.host_ids, batch.num_full)
+        moved)``; ``query`` is :meth:`SelectionBatch.queries`, ``held`` this layer's ``[R, C]``
+        page per column (updated in place), ``pinned`` its ``[R, P]`` sinks, window and
+        anchors; ``R`` counts selection rows."""
+        scores = self.score(policy, query, digests, batch)
         keep = keep_mask(scores, batch.valid, pinned, batch.num_keep)
         moved = 0
         if source is not None:
@@ -61,7 +67,8 @@ class PageOps:
         lowest-scored pages not kept (ties: the lower column). Their content comes from the
         host store ``source``, or, at a prompt's end (``from_host=False``, ``source`` the KV
         cache), from the page's own block (page ``p`` is then held by column ``p``: nothing was
-        evicted yet). All rows in one masked copy; returns the pages moved."""
+        evicted yet). With one placement per KV head, only the row's head of each page moves.
+        All rows in one masked copy; returns the (head) pages moved."""
         num_pages = keep.shape[1]
         candidates = batch.candidates
         keep_padded = torch.nn.functional.pad(keep, (0, 1))  # page P: no page
@@ -79,7 +86,8 @@ class PageOps:
         pages = torch.argsort((~missing).to(torch.uint8), dim=1, stable=True)[:, :width]
         pairs = torch.arange(width, device=keep.device) < missing.sum(1, keepdim=True)
         sources = (batch.host_ids if from_host else batch.blocks).gather(1, pages)
-        self.copy_pages(source, sources, kv_cache, batch.blocks.gather(1, cols), pairs)
+        heads = None if batch.heads == 1 else batch.head_of_row[:, None].expand_as(pairs)
+        self.copy_pages(source, sources, kv_cache, batch.blocks.gather(1, cols), pairs, heads)
         held.scatter_(1, cols, torch.where(pairs, pages, held.gather(1, cols)))
         return pairs.sum()
 
@@ -107,12 +115,14 @@ class PageOps:
             host_pages.index_copy_(0, slots.to(host_pages.device), pages.to(host_pages.device))
 
     def copy_pages(self, src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor,
-                   dst_ids: torch.Tensor, valid: torch.Tensor) -> None:
+                   dst_ids: torch.Tensor, valid: torch.Tensor,
+                   heads: torch.Tensor | None = None) -> None:
         """Page ``src_ids[i]`` of ``src`` over page ``dst_ids[i]`` of ``dst`` where ``valid[i]``
-        (page tensors: a layer's KV cache or the host store, pages on dimension 0)."""
+        (page tensors: a layer's KV cache or the host store, pages on dimension 0, KV heads on
+        dimension 1), every KV head, or KV head ``heads[i]`` only."""
         from vllm_kvevict.kernels.transfer import copy_pages_reference
 
-        copy_pages_reference(src, src_ids, dst, dst_ids, valid)
+        copy_pages_reference(src, src_ids, dst, dst_ids, valid, heads)
 
 
 class TritonPageOps(PageOps):
@@ -124,13 +134,13 @@ class TritonPageOps(PageOps):
         super().__init__(host_sync_free=False)
         self._views: dict[int, torch.Tensor] = {}
 
-    def score(self, policy, query, digests, host_ids, num_pages):
+    def score(self, policy, query, digests, batch):
         from vllm_kvevict.kernels.scoring import score_batch
 
-        if not policy.digest_bound_score:
-            return super().score(policy, query, digests, host_ids, num_pages)
+        if not policy.digest_bound_score or batch.heads > 1:
+            return super().score(policy, query, digests, batch)
         return score_batch(query.contiguous(), digests[:, 0], digests[:, 1],
-                           host_ids.contiguous(), num_pages, 0, 0)
+                           batch.host_ids.contiguous(), batch.num_full, 0, 0)
 
     def backup(self, kv_cache, block_format, blocks, slots, digests, host_pages, digest_kind):
         from vllm_kvevict.kernels.digest import build_digests
@@ -141,12 +151,12 @@ class TritonPageOps(PageOps):
             self.copy_pages(kv_cache, blocks, host_pages, slots,
                             torch.ones_like(blocks, dtype=torch.bool))
 
-    def copy_pages(self, src, src_ids, dst, dst_ids, valid):
+    def copy_pages(self, src, src_ids, dst, dst_ids, valid, heads=None):
         from vllm_kvevict.kernels.transfer import copy_pages
 
         device = src_ids.device
         copy_pages(self._view(src, device), src_ids, self._view(dst, device), dst_ids, valid,
-                   device)
+                   device, heads)
 
     def _view(self, pages: torch.Tensor, device: torch.device) -> torch.Tensor:
         if pages.device == device:
@@ -180,10 +190,11 @@ class CompiledCPUPageOps(PageOps):
         mode = cpu.NO_PLACEMENT if source is None else (
             cpu.FROM_HOST if from_host else cpu.WITHIN_CACHE)
         cache = _bits(kv_cache)
+        head_of_row = batch.head_of_row if batch.heads > 1 else torch.full((rows,), -1)
         moved = cpu.select_pages(
             query.float().numpy(), digests.numpy(), batch.host_ids.numpy(),
             batch.num_full.numpy(), pinned.numpy(), batch.num_keep.numpy(), held.numpy(),
-            batch.candidates.numpy(), batch.blocks.numpy(),
+            batch.candidates.numpy(), batch.blocks.numpy(), head_of_row.numpy(),
             cache if source is None else _bits(source), cache, mode, keep.numpy(),
             scores.numpy())
         return keep, scores, moved

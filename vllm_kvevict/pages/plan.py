@@ -53,72 +53,97 @@ class RowSelection:
 class SelectionBatch:
     """The step's selecting rows as padded tensors, built once per step, read by every layer.
 
-    ``R`` rows; ``P`` the most full pages of a row and ``C`` the most full columns (owned
-    blocks holding full pages). Page ``P`` stands for "no page": ``held`` holds it in the
-    padding columns, and padding pages are not ``valid``. ``held[layer]`` is updated by the
-    layers' moves and written back to the requests' page tables after the last layer
-    (:meth:`commit`). ``pinned[layer]`` is sinks, window and the row's anchors in that layer;
-    ``anchors[layer]`` (``[R, A]``, -1: none) is read from the requests, or, for rows ending
-    their prompt, chosen by the layers and written back by :meth:`commit`.
+    ``R`` requests, each selecting for ``heads`` placements: 1 (every KV head of a block holds
+    the same page) or one per KV head. A *selection row* is a (request, placement) pair,
+    ``R * heads`` of them, request-major; ``tokens``, ``rows``, ``partial_blocks``,
+    ``last_positions`` and ``num_observed`` are per request, every other tensor per selection
+    row. ``P`` is the most full pages of a request and ``C`` the most full columns (owned blocks
+    holding full pages). Page ``P`` stands for "no page": ``held`` holds it in the padding
+    columns, and padding pages are not ``valid``. ``held[layer]`` is updated by the layers'
+    moves and written back to the requests' page tables after the last layer (:meth:`commit`).
+    ``pinned[layer]`` is sinks, window and the row's anchors in that layer; ``anchors[layer]``
+    (``[R * heads, A]``, -1: none) is read from the requests, or, for rows ending their prompt,
+    chosen by the layers and written back by :meth:`commit`.
     """
 
     def __init__(self, selections: list[RowSelection], num_layers: int, device,
-                 num_anchors: int = 0) -> None:
-        rows = len(selections)
+                 num_anchors: int = 0, heads: int = 1) -> None:
+        requests = len(selections)
         num_pages = max(sel.num_full for sel in selections)
         num_cols = max(sel.num_full_cols for sel in selections)
+        self.heads = heads
         self.states = [sel.state for sel in selections]
         self.num_cols = [sel.num_full_cols for sel in selections]
         column = lambda values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
-        host = {
+        per_request = {
             "rows": column([sel.row for sel in selections]),
             "tokens": column([sel.token for sel in selections]),
-            "num_full": column([sel.num_full for sel in selections]),
-            "num_keep": column([sel.num_keep for sel in selections]),
             "partial_blocks": column([sel.partial_block for sel in selections]),
-            "host_ids": torch.zeros((rows, num_pages), dtype=torch.int64),
-            "valid": torch.zeros((rows, num_pages), dtype=torch.bool),
-            "pinned": torch.zeros((rows, num_pages), dtype=torch.bool),
-            "blocks": torch.zeros((rows, num_cols), dtype=torch.int64),
-            "candidates": torch.zeros((rows, num_cols), dtype=torch.bool),
-            "held": torch.full((num_layers, rows, num_cols), num_pages, dtype=torch.int64),
-            "anchors": torch.full((num_layers, rows, num_anchors), -1, dtype=torch.int64),
             "last_positions": column([sel.last_position for sel in selections]),
             "num_observed": column([sel.num_observed for sel in selections]),
         }
+        per_row = {
+            "num_full": column([sel.num_full for sel in selections]),
+            "num_keep": column([sel.num_keep for sel in selections]),
+            "host_ids": torch.zeros((requests, num_pages), dtype=torch.int64),
+            "valid": torch.zeros((requests, num_pages), dtype=torch.bool),
+            "pinned": torch.zeros((requests, num_pages), dtype=torch.bool),
+            "blocks": torch.zeros((requests, num_cols), dtype=torch.int64),
+            "candidates": torch.zeros((requests, num_cols), dtype=torch.bool),
+        }
+        held = torch.full((num_layers, requests, heads, num_cols), num_pages, dtype=torch.int64)
+        anchors = torch.full((num_layers, requests, heads, num_anchors), -1, dtype=torch.int64)
         for i, sel in enumerate(selections):
             n, cols = sel.num_full, sel.num_full_cols
-            host["host_ids"][i, :n] = torch.tensor(sel.state.host_ids[:n])
-            host["valid"][i, :n] = True
-            host["pinned"][i, :sel.pinned[0]] = True
-            host["pinned"][i, sel.pinned[1]:n] = True
-            host["blocks"][i, :cols] = torch.tensor(sel.state.block_ids[:cols])
-            host["candidates"][i, sel.candidates] = True
-            host["held"][:, i, :cols] = sel.state.held[:, :cols]
+            per_row["host_ids"][i, :n] = torch.tensor(sel.state.host_ids[:n])
+            per_row["valid"][i, :n] = True
+            per_row["pinned"][i, :sel.pinned[0]] = True
+            per_row["pinned"][i, sel.pinned[1]:n] = True
+            per_row["blocks"][i, :cols] = torch.tensor(sel.state.block_ids[:cols])
+            per_row["candidates"][i, sel.candidates] = True
+            held[:, i, :, :cols] = sel.state.held[:, :cols].transpose(1, 2)
             if num_anchors and sel.state.anchors is not None:
-                host["anchors"][:, i] = sel.state.anchors
+                anchors[:, i] = sel.state.anchors
+        host = {**per_request,
+                **{name: t.repeat_interleave(heads, dim=0) for name, t in per_row.items()},
+                "held": held.flatten(1, 2), "anchors": anchors.flatten(1, 2),
+                "head_of_row": torch.arange(heads).repeat(requests)}
         moved = to_device(host, device)
-        self.rows, self.tokens, self.num_full = moved["rows"], moved["tokens"], moved["num_full"]
-        self.num_keep, self.partial_blocks = moved["num_keep"], moved["partial_blocks"]
+        self.rows, self.tokens = moved["rows"], moved["tokens"]
+        self.partial_blocks = moved["partial_blocks"]
+        self.last_positions, self.num_observed = moved["last_positions"], moved["num_observed"]
+        self.num_full, self.num_keep = moved["num_full"], moved["num_keep"]
         self.host_ids, self.valid, self.pinned = moved["host_ids"], moved["valid"], moved["pinned"]
         self.blocks, self.candidates = moved["blocks"], moved["candidates"]
         self.held = moved["held"]
         self.anchors = moved["anchors"]
-        self.last_positions, self.num_observed = moved["last_positions"], moved["num_observed"]
-        self.pinned = self.pinned.unsqueeze(0).repeat(num_layers, 1, 1)  # [L, R, P]
+        self.head_of_row = moved["head_of_row"]
+        self.pinned = self.pinned.unsqueeze(0).repeat(num_layers, 1, 1)  # [L, R * heads, P]
         if num_anchors:
             pin_pages(self.pinned, self.anchors)
 
     def __len__(self) -> int:
+        """Requests (not selection rows)."""
         return len(self.states)
+
+    def queries(self, query: torch.Tensor) -> torch.Tensor:
+        """The query of each selection row: ``[R, q_heads, head_dim]`` (one placement), or
+        ``[R * kv_heads, group, head_dim]`` (one per KV head: the heads reading it)."""
+        rows = query[self.tokens]
+        if self.heads == 1:
+            return rows
+        return rows.unflatten(1, (self.heads, -1)).flatten(0, 1)
 
     def commit(self, anchors_chosen: bool = False) -> None:
         """Write the pages each column holds (and anchors the layers chose) back to the
         requests' page tables."""
-        held = self.held.cpu()
-        anchors = self.anchors.cpu() if anchors_chosen else None
+        heads = self.heads
+        tables = {"held": self.held, **({"anchors": self.anchors} if anchors_chosen else {})}
+        tables = unpack(pack(tables).cpu(), tables)  # one device-to-host copy
+        held = tables["held"].unflatten(1, (-1, heads))  # [L, R, heads, C]
+        anchors = tables["anchors"].unflatten(1, (-1, heads)) if anchors_chosen else None
         for i, (state, cols) in enumerate(zip(self.states, self.num_cols)):
-            state.held[:, :cols] = held[:, i, :cols]
+            state.held[:, :cols] = held[:, i, :, :cols].transpose(1, 2)
             if anchors is not None:
                 state.anchors = anchors[:, i].clone()
 

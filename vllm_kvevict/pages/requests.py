@@ -13,7 +13,7 @@ from vllm_kvevict.paging import PageLayout, cdiv
 @dataclasses.dataclass
 class PageStats:
     """Cumulative counters. Pages backed up count each page once (all layers); evictions and
-    recalls count page copies of one layer."""
+    recalls count page copies of one layer (of one KV head, with per-head selection)."""
 
     backed_up: int = 0
     evicted: int = 0
@@ -26,7 +26,8 @@ class RequestPages:
     """One request's pages on this worker.
 
     ``positions``/``block_ids`` list the blocks the request owns now (ascending positions);
-    ``held[layer, i]`` is the logical page block ``block_ids[i]`` holds in that layer.
+    ``held[layer, i, h]`` is the logical page block ``block_ids[i]`` holds in that layer for
+    KV head ``h`` (``heads`` is 1 when all heads of a block hold the same page).
     """
 
     host_ids: list[int] = dataclasses.field(default_factory=list)  # by logical page
@@ -36,8 +37,10 @@ class RequestPages:
     num_tokens: int = 0  # tokens written after the last planned step
     # Attention-statistics policies: [layers, NUM_STATS, pages] by logical page.
     attention: torch.Tensor | None = None
-    # Selecting policies with anchors: [layers, A] pages kept since the prompt ended (-1: none).
+    # Selecting policies with anchors: [layers, heads, A] pages kept since the prompt ended
+    # (-1: none).
     anchors: torch.Tensor | None = None
+    heads: int = 1  # page placements per block: 1, or one per KV head
 
     def own(self, positions: list[int], block_ids: list[int], num_layers: int) -> int:
         """Owned blocks become ``positions``/``block_ids``; returns page copies dropped.
@@ -49,20 +52,25 @@ class RequestPages:
         if (self.held is not None and positions[:n] == self.positions
                 and block_ids[:n] == self.block_ids):  # usual step: same blocks, maybe appended
             if len(positions) > n:
-                appended = torch.tensor(positions[n:], dtype=torch.int64)
-                self.held = torch.cat([self.held, appended.expand(num_layers, -1)], dim=1)
+                appended = self._own_pages(positions[n:], num_layers)
+                self.held = torch.cat([self.held, appended], dim=1)
                 self.positions, self.block_ids = list(positions), list(block_ids)
             return 0
         before = {(p, b): i for i, (p, b) in enumerate(zip(self.positions, self.block_ids))}
         cols = [before.get(key, -1) for key in zip(positions, block_ids)]
-        new_held = torch.tensor(positions, dtype=torch.int64).unsqueeze(0).repeat(num_layers, 1)
+        new_held = self._own_pages(positions, num_layers)
         kept = [(i, c) for i, c in enumerate(cols) if c >= 0]
         if kept and self.held is not None:
             dst, src = zip(*kept)
             new_held[:, list(dst)] = self.held[:, list(src)]
         dropped = len(self.positions) - len(kept)
         self.positions, self.block_ids, self.held = list(positions), list(block_ids), new_held
-        return dropped * num_layers
+        return dropped * num_layers * self.heads
+
+    def _own_pages(self, positions: list[int], num_layers: int) -> torch.Tensor:
+        """``held`` of blocks that hold their own page in every layer and head."""
+        pages = torch.tensor(positions, dtype=torch.int64).view(1, -1, 1)
+        return pages.repeat(num_layers, 1, self.heads)
 
 
 @dataclasses.dataclass
@@ -97,12 +105,14 @@ class RequestRegistry:
 
     A request seen again with fewer computed tokens than its state records was preempted and is
     recomputed from scratch: its state (and host pages) are dropped and it starts over.
-    Subclasses provide ``requests``, ``store`` and ``recalls`` (host pages held only if true).
+    Subclasses provide ``requests``, ``store`` and ``recalls`` (host pages held only if true),
+    and may set ``page_heads`` (see :attr:`RequestPages.heads`).
     """
 
     requests: dict[str, RequestPages]
     store: HostPageStore
     recalls: bool
+    page_heads: int = 1
 
     def release(self, req_id: str) -> None:
         """Forget a finished, aborted or preempted request and free its host pages."""
@@ -116,5 +126,5 @@ class RequestRegistry:
             self.release(row.req_id)
             state = None
         if state is None:
-            state = self.requests[row.req_id] = RequestPages()
+            state = self.requests[row.req_id] = RequestPages(heads=self.page_heads)
         return state

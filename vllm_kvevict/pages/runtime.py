@@ -23,7 +23,8 @@ class PageRuntime(RequestRegistry):
 
     def __init__(self, layout: PageLayout, policy, digest: str, sparse_attention: bool,
                  store: HostPageStore, block_format: BlockFormat, num_layers: int,
-                 ops: PageOps | None = None, observation_window: int = 0):
+                 ops: PageOps | None = None, observation_window: int = 0,
+                 per_head: bool = False):
         self.layout = layout
         self.policy = policy
         self.digest = digest
@@ -44,6 +45,10 @@ class PageRuntime(RequestRegistry):
                 and observation_window > 0):
             self.anchor_pages = (layout.budget_pages - layout.sink_pages - layout.window_pages
                                  - layout.top_k_pages)
+        # One placement per KV head: each head's slice of a block holds the page that head
+        # selects (``page_heads`` is set to the KV heads by bind); otherwise one per block.
+        self.per_head = per_head and self.recalls and not self.sparse_attention
+        self.page_heads = 1
         self.scale = 1.0  # the layers' softmax scale, set by bind
         self._keys: BlockKeys | None = None
         self.requests: dict[str, RequestPages] = {}
@@ -76,6 +81,8 @@ class PageRuntime(RequestRegistry):
         """Allocate the host store and digests once the KV cache exists."""
         self.store.bind(kv_cache, self.format, num_kv_heads, head_dim)
         self.scale = scale
+        if self.per_head:
+            self.page_heads = num_kv_heads
 
     # --- per step ------------------------------------------------------------------------------
 
@@ -132,7 +139,8 @@ class PageRuntime(RequestRegistry):
         backup = to_device({"blocks": torch.tensor(backup_blocks, dtype=torch.int64),
                             "hosts": torch.tensor(backup_hosts, dtype=torch.int64)}, device)
         batch = lambda rows: (  # noqa: E731
-            SelectionBatch(rows, self.num_layers, device, self.anchor_pages) if rows else None)
+            SelectionBatch(rows, self.num_layers, device, self.anchor_pages, self.page_heads)
+            if rows else None)
         return StepPlan(backup["blocks"], backup["hosts"], batch(selections),
                         batch(prefill_ends), sparse)
 
@@ -191,7 +199,8 @@ class PageRuntime(RequestRegistry):
                         batch: SelectionBatch) -> None:
         """Exact attention of each row's last ``num_observed`` prompt queries over its full
         pages (each page still in its own block); the ``A`` unpinned pages with the most mass,
-        summed over those queries, become the layer's anchors and are pinned."""
+        summed over those queries (and over KV heads, unless each head has its own placement),
+        become the layer's anchors and are pinned."""
         if self._keys is None:
             self._keys = BlockKeys.of(self.format, kv_cache)
         bs, window = self.layout.block_size, self.observation_window
@@ -199,14 +208,20 @@ class PageRuntime(RequestRegistry):
         observed = back < batch.num_observed[:, None]  # [R, W]
         tokens = torch.where(observed, batch.tokens[:, None] - back, batch.tokens[:, None])
         num_pages = batch.valid.shape[1]
-        blocks = batch.blocks[:, :num_pages]  # page p in column p: nothing evicted yet
+        heads = batch.heads
+        valid = batch.valid[::heads]  # per request
+        blocks = batch.blocks[::heads, :num_pages]  # page p in column p: nothing evicted yet
         logits = self._keys.logits(kv_cache, blocks, query[tokens], self.scale)
         offsets = torch.arange(bs, device=blocks.device)
         pages = torch.arange(num_pages, device=blocks.device)
-        key_positions = torch.where(batch.valid[:, :, None], pages[:, None] * bs + offsets,
+        key_positions = torch.where(valid[:, :, None], pages[:, None] * bs + offsets,
                                     torch.iinfo(torch.int64).max)  # padding: never seen
-        mass = page_mass_from_logits(logits, key_positions, batch.last_positions[:, None] - back)
-        mass = (mass * observed[..., None]).sum(1)  # [R, P]
+        mass = page_mass_from_logits(logits, key_positions, batch.last_positions[:, None] - back,
+                                     per_kv_head=heads > 1)  # [R, W, (kv,) P]
+        if heads > 1:
+            mass = (mass * observed[..., None, None]).sum(1).flatten(0, 1)  # [R * kv, P]
+        else:
+            mass = (mass * observed[..., None]).sum(1)  # [R, P]
         pinned = batch.pinned[layer]
         ranked = mass.masked_fill(pinned | ~batch.valid, float("-inf"))
         count = min(self.anchor_pages, num_pages)
@@ -222,7 +237,7 @@ class PageRuntime(RequestRegistry):
         source = None
         if self.recalls:  # otherwise every page is resident in its own block
             source = self.store.pages[layer] if from_host else kv_cache
-        keep, scores, moved = self.ops.select(self.policy, query[batch.tokens],
+        keep, scores, moved = self.ops.select(self.policy, batch.queries(query),
                                               self.store.digests[layer], batch, batch.held[layer],
                                               batch.pinned[layer], kv_cache, source, from_host)
         if source is not None:
@@ -235,10 +250,15 @@ class PageRuntime(RequestRegistry):
 
     def _probe(self, layer: int, query: torch.Tensor, batch: SelectionBatch,
                scores: torch.Tensor) -> None:
-        """Benchmarks only: compare each row's digest ranking with exact attention."""
-        for i in range(len(batch)):
+        """Benchmarks only: compare each selection row's digest ranking with exact attention
+        (of its KV head's query heads over that head's keys, with one placement per head)."""
+        queries = batch.queries(query)
+        for i in range(queries.shape[0]):
             n = int(batch.valid[i].sum())
             pages = self.store.pages[layer][batch.host_ids[i, :n].cpu()]
-            self.probe.record(query[batch.tokens[i]].cpu(), self.format.keys(pages).cpu(),
-                              scores[i, :n].cpu(), batch.pinned[layer, i, :n].cpu(),
-                              self.layout.top_k_pages)
+            keys = self.format.keys(pages)  # [n, block_size, kv_heads, head_dim]
+            if batch.heads > 1:
+                head = i % batch.heads
+                keys = keys[:, :, head:head + 1]
+            self.probe.record(queries[i].cpu(), keys.cpu(), scores[i, :n].cpu(),
+                              batch.pinned[layer, i, :n].cpu(), self.layout.top_k_pages)
