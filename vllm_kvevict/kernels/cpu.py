@@ -16,101 +16,155 @@ NO_PLACEMENT, FROM_HOST, WITHIN_CACHE = 0, 1, 2
 
 # Sums may be reordered (vectorised); infinities stay exact (pinned pages rank +inf).
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def select_pages(query, digests, host_ids, num_full, pinned, num_keep, held, candidates, blocks,
-                 head_of_row, source, cache, mode, keep, scores):
+def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinned, num_keep, held,
+                 candidates, blocks, head_of_row, source, cache, mode, keep, scores):
     """Score, keep and place pages for every selection row; returns the (head) pages moved.
 
     Args:
-        query: ``[R, heads, head_dim]`` float32, one query per row: every query head, or
-            the query heads reading the row's KV head.
+        query: the layer's ``[tokens, q_heads, head_dim]`` queries as integer bits
+            (``bfloat16``: 16-bit halves of float32, else float32 bits).
+        row_tokens: ``[R]`` the query token of each selection row.
         digests: ``[slots, 2, kv_heads, head_dim]`` float32 (``hi``, ``lo``).
         host_ids, pinned: ``[R, P]`` digest slot of each page; pages always kept.
         num_full, num_keep: ``[R]`` pages of the row; pages it keeps.
         held, candidates, blocks: ``[R, C]`` page per column (updated), columns that may
             receive a kept page, block per column.
-        head_of_row: ``[R]`` the KV head a row scores and moves, -1: all of them.
+        head_of_row: ``[R]`` the KV head a row scores and moves, -1: all of them. Rows of
+            single KV heads come as a request's heads ``0 .. kv_heads - 1`` in order, with the
+            same pages (scored in one pass over them).
         source, cache: page tensors (integer views, pages on dimension 0): where kept pages
             come from (host store: ``FROM_HOST``, by host id; the cache: ``WITHIN_CACHE``, by
             the page's own column) and the layer's KV cache.
         mode: ``NO_PLACEMENT`` (score and keep only), ``FROM_HOST`` or ``WITHIN_CACHE``.
-        keep, scores: ``[R, P]`` outputs (``keep`` all False on entry).
+        keep, scores: ``[R, P]`` outputs.
     """
-    rows, heads, head_dim = query.shape
+    rows = row_tokens.shape[0]
+    q_heads, head_dim = query.shape[1], query.shape[2]
     kv_heads = digests.shape[2]
-    num_cols = held.shape[1]
-    bounds = np.empty((2, kv_heads, head_dim), dtype=np.float32)
+    half = kv_heads * head_dim
+    flat = digests.reshape(digests.shape[0], 2 * half)
+    weights = np.empty(2 * half, dtype=np.float32)
+    bits = np.empty(q_heads * head_dim, dtype=np.uint32)
+    values = bits.view(np.float32)
     moved = 0
-    for r in range(rows):
-        first_head, last_head = 0, kv_heads
-        if head_of_row[r] >= 0:
-            first_head, last_head = head_of_row[r], head_of_row[r] + 1
-        group = heads // (last_head - first_head)
-        # max(q hi, q lo) = max(q, 0) hi + min(q, 0) lo, summed over the group's heads.
-        for k in range(first_head, last_head):
+    r = 0
+    while r < rows:
+        # One request's rows: all KV heads at once, or one row per KV head.
+        span = kv_heads if head_of_row[r] >= 0 else 1
+        t = row_tokens[r]
+        for e in range(q_heads * head_dim):
+            raw = query[t, e // head_dim, e % head_dim]
+            if bfloat16:
+                bits[e] = (np.uint32(raw) & np.uint32(0xFFFF)) << np.uint32(16)
+            else:
+                bits[e] = np.uint32(raw)
+        # max(q hi, q lo) = max(q, 0) hi + min(q, 0) lo, summed over the query heads that
+        # read each KV head: weights of the flattened (hi, lo) digest.
+        group = q_heads // kv_heads
+        for k in range(kv_heads):
             for d in range(head_dim):
                 positive = np.float32(0.0)
                 negative = np.float32(0.0)
                 for g in range(group):
-                    v = query[r, (k - first_head) * group + g, d]
+                    v = values[(k * group + g) * head_dim + d]
                     if v > 0:
                         positive += v
                     else:
                         negative += v
-                bounds[0, k, d] = positive
-                bounds[1, k, d] = negative
+                weights[k * head_dim + d] = positive
+                weights[half + k * head_dim + d] = negative
         n = num_full[r]
-        ranked = np.empty(n, dtype=np.float32)
+        # A row over every KV head divides by the query heads; a row of one KV head, by its
+        # group (the mean over the query heads reading the keys scored).
+        scale = np.float32(q_heads if span == 1 else group)
         for p in range(n):
-            slot = host_ids[r, p]
-            total = np.float32(0.0)
-            for b in range(2):
-                for k in range(first_head, last_head):
-                    for d in range(head_dim):
-                        total += digests[slot, b, k, d] * bounds[b, k, d]
-            scores[r, p] = total / heads
-            ranked[p] = np.inf if pinned[r, p] else scores[r, p]
-        # The best num_keep pages, pinned first, the more recent page winning a tie.
-        order = np.argsort(-ranked[::-1], kind="mergesort")
-        for j in range(min(num_keep[r], n)):
-            keep[r, n - 1 - order[j]] = True
-        if mode == NO_PLACEMENT:
-            continue
-        in_place = np.zeros(n, dtype=np.bool_)
-        for c in range(num_cols):
-            if candidates[r, c] and held[r, c] < n:
-                in_place[held[r, c]] = True
-        missing = np.empty(n, dtype=np.int64)
-        num_missing = 0
-        for p in range(n):
-            if keep[r, p] and not in_place[p]:
-                missing[num_missing] = p
-                num_missing += 1
-        if num_missing == 0:
-            continue
-        # Victims: candidate columns holding pages not kept, lowest score first (ties: column).
-        victim_cols = np.empty(num_cols, dtype=np.int64)
-        victim_scores = np.empty(num_cols, dtype=np.float32)
-        num_victims = 0
-        for c in range(num_cols):
-            page = held[r, c]
-            if candidates[r, c] and not (page < n and keep[r, page]):
-                victim_cols[num_victims] = c
-                victim_scores[num_victims] = scores[r, page] if page < n else 0.0
-                num_victims += 1
-        if num_victims < num_missing:
-            raise RuntimeError("vllm-kvevict: fewer columns to overwrite than kept pages")
-        ranked_victims = np.argsort(victim_scores[:num_victims], kind="mergesort")
-        for i in range(num_missing):
-            page = missing[i]
-            col = victim_cols[ranked_victims[i]]
-            src = host_ids[r, page] if mode == FROM_HOST else blocks[r, page]
-            if head_of_row[r] >= 0:
-                cache[blocks[r, col], head_of_row[r]] = source[src, head_of_row[r]]
+            digest = flat[host_ids[r, p]]
+            if span == 1:
+                total = np.float32(0.0)
+                for e in range(half):
+                    total += digest[e] * weights[e] + digest[half + e] * weights[half + e]
+                scores[r, p] = total / scale
             else:
-                cache[blocks[r, col]] = source[src]
-            held[r, col] = page
-            moved += 1
+                for k in range(span):
+                    a = k * head_dim
+                    total = np.float32(0.0)
+                    for d in range(head_dim):
+                        total += (digest[a + d] * weights[a + d]
+                                  + digest[half + a + d] * weights[half + a + d])
+                    scores[r + k, p] = total / scale
+        for j in range(r, r + span):
+            moved += _keep_and_place(j, n, scores, pinned, num_keep, held, candidates, blocks,
+                                     host_ids, head_of_row, source, cache, mode, keep)
+        r += span
     return moved
+
+
+@numba.njit(cache=True, nogil=True)
+def _keep_and_place(r, n, scores, pinned, num_keep, held, candidates, blocks, host_ids,
+                    head_of_row, source, cache, mode, keep):
+    """Row ``r`` of :func:`select_pages` once scored: its keep mask and placement."""
+    keep[r, :] = False
+    # The best num_keep pages, pinned first, the more recent page winning a tie: a sorted
+    # list of the best so far, filled from the most recent page down (an equal score never
+    # displaces a page already in it).
+    count = min(num_keep[r], n)
+    best_scores = np.empty(count + 1, dtype=np.float32)
+    best_pages = np.empty(count + 1, dtype=np.int64)
+    size = 0
+    for p in range(n - 1, -1, -1):
+        v = np.float32(np.inf) if pinned[r, p] else scores[r, p]
+        if size == count and (count == 0 or not v > best_scores[size - 1]):
+            continue
+        at = size
+        while at > 0 and v > best_scores[at - 1]:
+            best_scores[at] = best_scores[at - 1]
+            best_pages[at] = best_pages[at - 1]
+            at -= 1
+        best_scores[at] = v
+        best_pages[at] = p
+        if size < count:
+            size += 1
+    for j in range(size):
+        keep[r, best_pages[j]] = True
+    if mode == NO_PLACEMENT:
+        return 0
+    num_cols = held.shape[1]
+    in_place = np.zeros(n, dtype=np.bool_)
+    for c in range(num_cols):
+        if candidates[r, c] and held[r, c] < n:
+            in_place[held[r, c]] = True
+    missing = np.empty(n, dtype=np.int64)
+    num_missing = 0
+    for p in range(n):
+        if keep[r, p] and not in_place[p]:
+            missing[num_missing] = p
+            num_missing += 1
+    if num_missing == 0:
+        return 0
+    # Victims: candidate columns holding pages not kept, lowest score first (ties: column).
+    victim_cols = np.empty(num_cols, dtype=np.int64)
+    victim_scores = np.empty(num_cols, dtype=np.float32)
+    num_victims = 0
+    for c in range(num_cols):
+        page = held[r, c]
+        if candidates[r, c] and not (page < n and keep[r, page]):
+            victim_cols[num_victims] = c
+            victim_scores[num_victims] = scores[r, page] if page < n else 0.0
+            num_victims += 1
+    if num_victims < num_missing:
+        raise RuntimeError("vllm-kvevict: fewer columns to overwrite than kept pages")
+    ranked_victims = np.argsort(victim_scores[:num_victims], kind="mergesort")
+    head = head_of_row[r]
+    for i in range(num_missing):
+        page = missing[i]
+        col = victim_cols[ranked_victims[i]]
+        src = host_ids[r, page] if mode == FROM_HOST else blocks[r, page]
+        if head >= 0:
+            cache[blocks[r, col], head] = source[src, head]
+        else:
+            cache[blocks[r, col]] = source[src]
+        held[r, col] = page
+    return num_missing
 
 
 @numba.njit(cache=True, nogil=True)

@@ -49,10 +49,10 @@ class PageOps:
         """One layer's selection for every row of ``batch``: scores, the keep mask (the
         ``pinned`` pages, then the best-scored) and, unless ``source`` is None, the kept pages
         made resident (:meth:`place_kept`). Returns ``(keep [R, P], scores [R, P], pages
-        moved)``; ``query`` is :meth:`SelectionBatch.queries`, ``held`` this layer's ``[R, C]``
-        page per column (updated in place), ``pinned`` its ``[R, P]`` sinks, window and
-        anchors; ``R`` counts selection rows."""
-        scores = self.score(policy, query, digests, batch)
+        moved)``; ``query`` is the layer's ``[tokens, q_heads, head_dim]``, ``held`` this
+        layer's ``[R, C]`` page per column (updated in place), ``pinned`` its ``[R, P]`` sinks,
+        window and anchors; ``R`` counts selection rows."""
+        scores = self.score(policy, batch.queries(query), digests, batch)
         keep = keep_mask(scores, batch.valid, pinned, batch.num_keep)
         moved = 0
         if source is not None:
@@ -176,32 +176,48 @@ class CompiledCPUPageOps(PageOps):
 
     def __init__(self, host_sync_free: bool = True) -> None:
         super().__init__(host_sync_free)
-        self._key_offsets: dict[tuple[int, int], object] = {}
-
-    def select(self, policy, query, digests, batch, held, pinned, kv_cache, source, from_host):
         from vllm_kvevict.kernels import cpu
 
+        self._kernels = cpu
+        self._key_offsets: dict[tuple[int, int], object] = {}
+        self._arrays: dict[tuple, object] = {}
+
+    def select(self, policy, query, digests, batch, held, pinned, kv_cache, source, from_host):
         if not policy.digest_bound_score:
             return super().select(policy, query, digests, batch, held, pinned, kv_cache, source,
                                   from_host)
-        rows, num_pages = batch.host_ids.shape
-        keep = torch.zeros((rows, num_pages), dtype=torch.bool)
-        scores = torch.zeros((rows, num_pages), dtype=torch.float32)
+        cpu, views = self._kernels, batch.arrays
+        if query.dtype not in (torch.bfloat16, torch.float32):
+            query = query.float()
+        keep = torch.empty(views.host_ids.shape, dtype=torch.bool)
+        scores = torch.zeros(views.host_ids.shape, dtype=torch.float32)
         mode = cpu.NO_PLACEMENT if source is None else (
             cpu.FROM_HOST if from_host else cpu.WITHIN_CACHE)
-        cache = _bits(kv_cache)
-        head_of_row = batch.head_of_row if batch.heads > 1 else torch.full((rows,), -1)
+        cache = self._bits(kv_cache)
         moved = cpu.select_pages(
-            query.float().numpy(), digests.numpy(), batch.host_ids.numpy(),
-            batch.num_full.numpy(), pinned.numpy(), batch.num_keep.numpy(), held.numpy(),
-            batch.candidates.numpy(), batch.blocks.numpy(), head_of_row.numpy(),
-            cache if source is None else _bits(source), cache, mode, keep.numpy(),
+            _bits(query), query.dtype == torch.bfloat16, views.row_tokens, self._array(digests),
+            views.host_ids, views.num_full, pinned.numpy(), views.num_keep, held.numpy(),
+            views.candidates, views.blocks, views.head_of_row,
+            cache if source is None else self._bits(source), cache, mode, keep.numpy(),
             scores.numpy())
         return keep, scores, moved
 
-    def backup(self, kv_cache, block_format, blocks, slots, digests, host_pages, digest_kind):
-        from vllm_kvevict.kernels import cpu
+    def _array(self, pages: torch.Tensor):
+        """The numpy view of a long-lived tensor (KV cache, host store, digests), kept."""
+        key = (pages.data_ptr(), pages.shape, pages.dtype)
+        array = self._arrays.get(key)
+        if array is None:
+            array = self._arrays[key] = pages.numpy()
+        return array
 
+    def _bits(self, pages: torch.Tensor):
+        key = (pages.data_ptr(), pages.shape, pages.dtype, "bits")
+        array = self._arrays.get(key)
+        if array is None:
+            array = self._arrays[key] = _bits(pages)
+        return array
+
+    def backup(self, kv_cache, block_format, blocks, slots, digests, host_pages, digest_kind):
         if kv_cache.dtype not in (torch.bfloat16, torch.float32):
             return super().backup(kv_cache, block_format, blocks, slots, digests, host_pages,
                                   digest_kind)
@@ -209,19 +225,18 @@ class CompiledCPUPageOps(PageOps):
         key = (block_size, row)
         if key not in self._key_offsets:
             self._key_offsets[key] = block_format.key_offsets(block_size, row // 2).numpy()
-        cache = _bits(kv_cache)
-        cpu.backup_pages(cache, blocks.numpy(), slots.numpy(), self._key_offsets[key], row // 2,
-                         kv_cache.dtype == torch.bfloat16, digest_kind == "cuboid-mean",
-                         digests.numpy(), cache if host_pages is None else _bits(host_pages),
-                         host_pages is not None)
+        cache = self._bits(kv_cache)
+        self._kernels.backup_pages(
+            cache, blocks.numpy(), slots.numpy(), self._key_offsets[key], row // 2,
+            kv_cache.dtype == torch.bfloat16, digest_kind == "cuboid-mean", self._array(digests),
+            cache if host_pages is None else self._bits(host_pages), host_pages is not None)
 
     def attended_blocks(self, batch, keep, held):
-        from vllm_kvevict.kernels import cpu
-
         rows, num_cols = held.shape
         table = torch.empty((rows, num_cols + 1), dtype=torch.int64)
-        cpu.attended_blocks(keep.numpy(), held.numpy(), batch.blocks.numpy(),
-                            batch.num_keep.numpy(), batch.partial_blocks.numpy(), table.numpy())
+        views = batch.arrays
+        self._kernels.attended_blocks(keep.numpy(), held.numpy(), views.blocks, views.num_keep,
+                                      views.partial_blocks, table.numpy())
         return table
 
 

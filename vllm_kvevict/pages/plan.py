@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 
+import numpy as np
 import torch
 
 from vllm_kvevict.pages.requests import RequestPages
@@ -74,7 +77,7 @@ class SelectionBatch:
         self.heads = heads
         self.states = [sel.state for sel in selections]
         self.num_cols = [sel.num_full_cols for sel in selections]
-        column = lambda values: torch.tensor(values, dtype=torch.int64)  # noqa: E731
+        column = lambda values: np.array(values, dtype=np.int64)  # noqa: E731
         per_request = {
             "rows": column([sel.row for sel in selections]),
             "tokens": column([sel.token for sel in selections]),
@@ -85,29 +88,39 @@ class SelectionBatch:
         per_row = {
             "num_full": column([sel.num_full for sel in selections]),
             "num_keep": column([sel.num_keep for sel in selections]),
-            "host_ids": torch.zeros((requests, num_pages), dtype=torch.int64),
-            "valid": torch.zeros((requests, num_pages), dtype=torch.bool),
-            "pinned": torch.zeros((requests, num_pages), dtype=torch.bool),
-            "blocks": torch.zeros((requests, num_cols), dtype=torch.int64),
-            "candidates": torch.zeros((requests, num_cols), dtype=torch.bool),
+            "host_ids": np.zeros((requests, num_pages), dtype=np.int64),
+            "valid": np.zeros((requests, num_pages), dtype=np.bool_),
+            "pinned": np.zeros((requests, num_pages), dtype=np.bool_),
+            "blocks": np.zeros((requests, num_cols), dtype=np.int64),
+            "candidates": np.zeros((requests, num_cols), dtype=np.bool_),
         }
-        held = torch.full((num_layers, requests, heads, num_cols), num_pages, dtype=torch.int64)
-        anchors = torch.full((num_layers, requests, heads, num_anchors), -1, dtype=torch.int64)
+        held = np.full((num_layers, requests, heads, num_cols), num_pages, dtype=np.int64)
+        anchors = np.full((num_layers, requests, heads, num_anchors), -1, dtype=np.int64)
         for i, sel in enumerate(selections):
             n, cols = sel.num_full, sel.num_full_cols
-            per_row["host_ids"][i, :n] = torch.tensor(sel.state.host_ids[:n])
+            per_row["host_ids"][i, :n] = sel.state.host_ids[:n]
             per_row["valid"][i, :n] = True
             per_row["pinned"][i, :sel.pinned[0]] = True
             per_row["pinned"][i, sel.pinned[1]:n] = True
-            per_row["blocks"][i, :cols] = torch.tensor(sel.state.block_ids[:cols])
+            per_row["blocks"][i, :cols] = sel.state.block_ids[:cols]
             per_row["candidates"][i, sel.candidates] = True
-            held[:, i, :, :cols] = sel.state.held[:, :cols].transpose(1, 2)
+            held[:, i, :, :cols] = sel.state.held[:, :cols].numpy().transpose(0, 2, 1)
             if num_anchors and sel.state.anchors is not None:
-                anchors[:, i] = sel.state.anchors
-        host = {**per_request,
-                **{name: t.repeat_interleave(heads, dim=0) for name, t in per_row.items()},
-                "held": held.flatten(1, 2), "anchors": anchors.flatten(1, 2),
-                "head_of_row": torch.arange(heads).repeat(requests)}
+                anchors[:, i] = sel.state.anchors.numpy()
+        rows = requests * heads
+        per_row = {name: a.repeat(heads, axis=0) for name, a in per_row.items()}
+        anchors = anchors.reshape(num_layers, rows, num_anchors)
+        # [L, R * heads, P]: sinks and window in every layer, each layer's anchors
+        pinned = np.zeros((num_layers, rows, num_pages + 1), dtype=np.bool_)  # page P: none
+        pinned[:, :, :num_pages] = per_row.pop("pinned")
+        np.put_along_axis(pinned, np.where(anchors >= 0, anchors, num_pages), True, axis=2)
+        host = {name: torch.from_numpy(a) for name, a in {
+            **per_request, **per_row,
+            "pinned": np.ascontiguousarray(pinned[:, :, :num_pages]),
+            "held": held.reshape(num_layers, rows, num_cols), "anchors": anchors,
+            "head_of_row": (np.tile(np.arange(heads), requests) if heads > 1
+                            else np.full(requests, -1)),
+            "row_tokens": per_request["tokens"].repeat(heads)}.items()}
         moved = to_device(host, device)
         self.rows, self.tokens = moved["rows"], moved["tokens"]
         self.partial_blocks = moved["partial_blocks"]
@@ -117,14 +130,19 @@ class SelectionBatch:
         self.blocks, self.candidates = moved["blocks"], moved["candidates"]
         self.held = moved["held"]
         self.anchors = moved["anchors"]
-        self.head_of_row = moved["head_of_row"]
-        self.pinned = self.pinned.unsqueeze(0).repeat(num_layers, 1, 1)  # [L, R * heads, P]
-        if num_anchors:
-            pin_pages(self.pinned, self.anchors)
+        self.head_of_row = moved["head_of_row"]  # [R * heads] each row's KV head, -1: all
+        self.row_tokens = moved["row_tokens"]  # [R * heads] each selection row's query token
 
     def __len__(self) -> int:
         """Requests (not selection rows)."""
         return len(self.states)
+
+    @functools.cached_property
+    def arrays(self) -> types.SimpleNamespace:
+        """Numpy views of a CPU batch's per-row tensors (what compiled CPU kernels read)."""
+        names = ("row_tokens", "host_ids", "num_full", "num_keep", "candidates", "blocks",
+                 "head_of_row", "partial_blocks")
+        return types.SimpleNamespace(**{name: getattr(self, name).numpy() for name in names})
 
     def queries(self, query: torch.Tensor) -> torch.Tensor:
         """The query of each selection row: ``[R, q_heads, head_dim]`` (one placement), or

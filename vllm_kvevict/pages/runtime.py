@@ -233,17 +233,22 @@ class PageRuntime(RequestRegistry):
     def _select(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
                 batch: SelectionBatch, from_host: bool) -> torch.Tensor:
         """Score, keep and (recalling policies) place kept pages for every row of ``batch``;
-        returns the ``[R, P]`` keep mask. Page copies are counted on the device."""
+        returns the ``[R, P]`` keep mask. Page copies are counted where the ops count them
+        (a device tensor, or a host number on CPU)."""
         source = None
         if self.recalls:  # otherwise every page is resident in its own block
             source = self.store.pages[layer] if from_host else kv_cache
-        keep, scores, moved = self.ops.select(self.policy, batch.queries(query),
-                                              self.store.digests[layer], batch, batch.held[layer],
-                                              batch.pinned[layer], kv_cache, source, from_host)
+        keep, scores, moved = self.ops.select(self.policy, query, self.store.digests[layer],
+                                              batch, batch.held[layer], batch.pinned[layer],
+                                              kv_cache, source, from_host)
         if source is not None:
-            self._copies[1] += moved
-            if from_host:
-                self._copies[0] += moved
+            if isinstance(moved, int):  # counted on the host (CPU)
+                self._stats.evicted += moved
+                self._stats.recalled += moved if from_host else 0
+            else:
+                self._copies[1] += moved
+                if from_host:
+                    self._copies[0] += moved
         if self.probe is not None:
             self._probe(layer, query, batch, scores)
         return keep
