@@ -222,3 +222,16 @@ def test_host_store_is_addressed_through_vllms_device_view(monkeypatch):
     ops = TritonPageOps()
     assert ops._view(host, torch.device("cuda")) == "device view"
     assert ops._view(host, torch.device("cuda")) == "device view" and len(seen) == 2  # cached
+
+
+def test_kernel_scores_per_head_rows(monkeypatch):
+    """Selection rows of one KV head each are scored by the Triton kernel, not by torch."""
+    engine = _engine("flash-LBNHC", "arkvale-per-head", False, TritonPageOps())
+
+    def torch_scores(*args):
+        raise AssertionError("scored by the torch path")
+
+    monkeypatch.setattr(PageOps, "score", torch_scores)
+    for step in _scenario(per_head=True):
+        engine.step(*step)
+    assert engine.runtime.selections > 0

@@ -137,10 +137,18 @@ class TritonPageOps(PageOps):
     def score(self, policy, query, digests, batch):
         from vllm_kvevict.kernels.scoring import score_batch
 
-        if not policy.digest_bound_score or batch.heads > 1:
+        if not policy.digest_bound_score:
             return super().score(policy, query, digests, batch)
-        return score_batch(query.contiguous(), digests[:, 0], digests[:, 1],
-                           batch.host_ids.contiguous(), batch.num_full, 0, 0)
+        heads = batch.heads
+        if heads == 1:
+            return score_batch(query.contiguous(), digests[:, 0], digests[:, 1],
+                               batch.host_ids.contiguous(), batch.num_full, 0, 0)
+        # One row per KV head: each request's query heads, scored per KV head.
+        requests = query.unflatten(0, (-1, heads)).flatten(1, 2).contiguous()
+        scores = score_batch(requests, digests[:, 0], digests[:, 1],
+                             batch.host_ids[::heads].contiguous(), batch.num_full[::heads], 0, 0,
+                             per_kv_head=True)
+        return scores.flatten(0, 1)
 
     def backup(self, kv_cache, block_format, blocks, slots, digests, host_pages, digest_kind):
         from vllm_kvevict.kernels.digest import build_digests
