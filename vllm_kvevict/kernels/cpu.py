@@ -14,6 +14,14 @@ import numpy as np
 NO_PLACEMENT, FROM_HOST, WITHIN_CACHE = 0, 1, 2
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _float32_bits(raw, bfloat16):
+    """float32 bits of one element's integer bits (``bfloat16``: its 16 bits, else float32's)."""
+    if bfloat16:
+        return (np.uint32(raw) & np.uint32(0xFFFF)) << np.uint32(16)
+    return np.uint32(raw)
+
+
 # Sums may be reordered (vectorised); infinities stay exact (pinned pages rank +inf).
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinned, num_keep, held,
@@ -53,11 +61,7 @@ def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinne
         span = kv_heads if head_of_row[r] >= 0 else 1
         t = row_tokens[r]
         for e in range(q_heads * head_dim):
-            raw = query[t, e // head_dim, e % head_dim]
-            if bfloat16:
-                bits[e] = (np.uint32(raw) & np.uint32(0xFFFF)) << np.uint32(16)
-            else:
-                bits[e] = np.uint32(raw)
+            bits[e] = _float32_bits(query[t, e // head_dim, e % head_dim], bfloat16)
         # max(q hi, q lo) = max(q, 0) hi + min(q, 0) lo, summed over the query heads that
         # read each KV head: weights of the flattened (hi, lo) digest.
         group = q_heads // kv_heads
@@ -210,11 +214,7 @@ def backup_pages(cache, blocks, slots, key_offsets, head_dim, bfloat16, cuboid_m
         for h in range(kv_heads):
             for e in range(block_size * head_dim):
                 offset = key_offsets[e]
-                raw = cache[block, h, offset // row, offset % row]
-                if bfloat16:
-                    bits[e] = (np.uint32(raw) & np.uint32(0xFFFF)) << np.uint32(16)
-                else:
-                    bits[e] = np.uint32(raw)
+                bits[e] = _float32_bits(cache[block, h, offset // row, offset % row], bfloat16)
             for d in range(head_dim):
                 top = keys[d]
                 bottom = keys[d]

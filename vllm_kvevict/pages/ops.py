@@ -210,20 +210,17 @@ class CompiledCPUPageOps(PageOps):
             scores.numpy())
         return keep, scores, moved
 
-    def _array(self, pages: torch.Tensor):
-        """The numpy view of a long-lived tensor (KV cache, host store, digests), kept."""
-        key = (pages.data_ptr(), pages.shape, pages.dtype)
+    def _array(self, pages: torch.Tensor, bits: bool = False):
+        """The numpy view (``bits``: integer view) of a long-lived tensor (KV cache, host
+        store, digests), kept."""
+        key = (pages.data_ptr(), pages.shape, pages.dtype, bits)
         array = self._arrays.get(key)
         if array is None:
-            array = self._arrays[key] = pages.numpy()
+            array = self._arrays[key] = _bits(pages) if bits else pages.numpy()
         return array
 
     def _bits(self, pages: torch.Tensor):
-        key = (pages.data_ptr(), pages.shape, pages.dtype, "bits")
-        array = self._arrays.get(key)
-        if array is None:
-            array = self._arrays[key] = _bits(pages)
-        return array
+        return self._array(pages, bits=True)
 
     def backup(self, kv_cache, block_format, blocks, slots, digests, host_pages, digest_kind):
         if kv_cache.dtype not in (torch.bfloat16, torch.float32):

@@ -111,12 +111,11 @@ class SelectionBatch:
         per_row = {name: a.repeat(heads, axis=0) for name, a in per_row.items()}
         anchors = anchors.reshape(num_layers, rows, num_anchors)
         # [L, R * heads, P]: sinks and window in every layer, each layer's anchors
-        pinned = np.zeros((num_layers, rows, num_pages + 1), dtype=np.bool_)  # page P: none
-        pinned[:, :, :num_pages] = per_row.pop("pinned")
-        np.put_along_axis(pinned, np.where(anchors >= 0, anchors, num_pages), True, axis=2)
+        pinned = np.ascontiguousarray(
+            np.broadcast_to(per_row.pop("pinned"), (num_layers, rows, num_pages)))
+        pin_pages(torch.from_numpy(pinned), torch.from_numpy(anchors))
         host = {name: torch.from_numpy(a) for name, a in {
-            **per_request, **per_row,
-            "pinned": np.ascontiguousarray(pinned[:, :, :num_pages]),
+            **per_request, **per_row, "pinned": pinned,
             "held": held.reshape(num_layers, rows, num_cols), "anchors": anchors,
             "head_of_row": (np.tile(np.arange(heads), requests) if heads > 1
                             else np.full(requests, -1)),
