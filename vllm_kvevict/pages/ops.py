@@ -43,15 +43,14 @@ class PageOps:
         return policy.score(query, box[:, :, 0], box[:, :, 1])
 
     def select(self, policy, query: torch.Tensor, digests: torch.Tensor, batch: SelectionBatch,
-               held: torch.Tensor, pinned: torch.Tensor, kv_cache: torch.Tensor,
-               source: torch.Tensor | None,
+               layer: int, kv_cache: torch.Tensor, source: torch.Tensor | None,
                from_host: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
         """One layer's selection for every row of ``batch``: scores, the keep mask (the
-        ``pinned`` pages, then the best-scored) and, unless ``source`` is None, the kept pages
-        made resident (:meth:`place_kept`). Returns ``(keep [R, P], scores [R, P], pages
-        moved)``; ``query`` is the layer's ``[tokens, q_heads, head_dim]``, ``held`` this
-        layer's ``[R, C]`` page per column (updated in place), ``pinned`` its ``[R, P]`` sinks,
-        window and anchors; ``R`` counts selection rows."""
+        layer's pinned pages, then the best-scored) and, unless ``source`` is None, the kept
+        pages made resident (:meth:`place_kept`, updating ``batch.held[layer]``). Returns
+        ``(keep [R, P], scores [R, P], pages moved)``, valid until the next layer's call;
+        ``query`` is the layer's ``[tokens, q_heads, head_dim]``; ``R`` counts selection rows."""
+        held, pinned = batch.held[layer], batch.pinned[layer]
         scores = self.score(policy, batch.queries(query), digests, batch)
         keep = keep_mask(scores, batch.valid, pinned, batch.num_keep)
         moved = 0
@@ -190,24 +189,23 @@ class CompiledCPUPageOps(PageOps):
         self._key_offsets: dict[tuple[int, int], object] = {}
         self._arrays: dict[tuple, object] = {}
 
-    def select(self, policy, query, digests, batch, held, pinned, kv_cache, source, from_host):
+    def select(self, policy, query, digests, batch, layer, kv_cache, source, from_host):
         if not policy.digest_bound_score:
-            return super().select(policy, query, digests, batch, held, pinned, kv_cache, source,
+            return super().select(policy, query, digests, batch, layer, kv_cache, source,
                                   from_host)
         cpu, views = self._kernels, batch.arrays
         if query.dtype not in (torch.bfloat16, torch.float32):
             query = query.float()
-        keep = torch.empty(views.host_ids.shape, dtype=torch.bool)
-        scores = torch.zeros(views.host_ids.shape, dtype=torch.float32)
         mode = cpu.NO_PLACEMENT if source is None else (
             cpu.FROM_HOST if from_host else cpu.WITHIN_CACHE)
         cache = self._bits(kv_cache)
         moved = cpu.select_pages(
             _bits(query), query.dtype == torch.bfloat16, views.row_tokens, self._array(digests),
-            views.host_ids, views.num_full, pinned.numpy(), views.num_keep, held.numpy(),
-            views.candidates, views.blocks, views.head_of_row,
-            cache if source is None else self._bits(source), cache, mode, keep.numpy(),
-            scores.numpy())
+            views.host_ids, views.num_full, views.pinned[layer], views.num_keep,
+            views.held[layer], views.candidates, views.blocks, views.head_of_row,
+            cache if source is None else self._bits(source), cache, mode, views.keep,
+            views.scores)
+        keep, scores = batch.outputs
         return keep, scores, moved
 
     def _array(self, pages: torch.Tensor, bits: bool = False):

@@ -137,11 +137,21 @@ class SelectionBatch:
         return len(self.states)
 
     @functools.cached_property
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(keep, scores)`` ``[R, P]`` buffers a CPU layer's selection writes (each layer
+        overwrites them; scores of padding pages stay 0)."""
+        shape = self.host_ids.shape
+        return torch.empty(shape, dtype=torch.bool), torch.zeros(shape, dtype=torch.float32)
+
+    @functools.cached_property
     def arrays(self) -> types.SimpleNamespace:
-        """Numpy views of a CPU batch's per-row tensors (what compiled CPU kernels read)."""
+        """Numpy views of a CPU batch's tensors (what compiled CPU kernels read and write):
+        per row, per layer (``held``, ``pinned``: ``[L, ...]``) and the :attr:`outputs`."""
         names = ("row_tokens", "host_ids", "num_full", "num_keep", "candidates", "blocks",
-                 "head_of_row", "partial_blocks")
-        return types.SimpleNamespace(**{name: getattr(self, name).numpy() for name in names})
+                 "head_of_row", "partial_blocks", "held", "pinned")
+        keep, scores = self.outputs
+        return types.SimpleNamespace(keep=keep.numpy(), scores=scores.numpy(),
+                                     **{name: getattr(self, name).numpy() for name in names})
 
     def queries(self, query: torch.Tensor) -> torch.Tensor:
         """The query of each selection row: ``[R, q_heads, head_dim]`` (one placement), or

@@ -239,8 +239,7 @@ class PageRuntime(RequestRegistry):
         if self.recalls:  # otherwise every page is resident in its own block
             source = self.store.pages[layer] if from_host else kv_cache
         keep, scores, moved = self.ops.select(self.policy, query, self.store.digests[layer],
-                                              batch, batch.held[layer], batch.pinned[layer],
-                                              kv_cache, source, from_host)
+                                              batch, layer, kv_cache, source, from_host)
         if source is not None:
             if isinstance(moved, int):  # counted on the host (CPU)
                 self._stats.evicted += moved
