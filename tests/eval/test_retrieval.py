@@ -137,3 +137,25 @@ def test_var_chain_partial_counts_links_named_in_order(trials):
     assert partial(t, f" {hop}.") == 1 / 3 and not score(t, f" {hop}.")
     assert partial(t, f" {hop} = VAR {start} = {value}.") == 1 and score(t, f" {hop} = {value}")
     assert partial(t, f" {start} = {value}") == 0 and partial(t, " X = VAR Y = 12345") == 0
+
+
+def test_answer_pages_counts_the_pages_an_answer_spans():
+    from vllm_kvevict.eval.retrieval import answer_pages
+
+    class Chars:  # one token per character
+        def encode(self, text, add_special_tokens=True):
+            return [ord(c) for c in text]
+
+    trial = Trial(task="needle-last", prompt="abc12345xyz 777", answers=("12345", "99"),
+                  depths=(0.5,), needles=("",), document="", num_tokens=15, source="docs")
+    assert answer_pages(Chars(), trial, 4) == [2, None]  # tokens 3..7: pages 0 and 1
+    assert answer_pages(Chars(), trial, 8) == [1, None]
+    assert answer_pages(Chars(), trial, 2) == [3, None]
+
+
+def test_answers_are_found_whole_in_the_prompt(tokenizer, trials):
+    from vllm_kvevict.eval.retrieval import answer_pages
+
+    for task in ("needle-last", "needle-first", "multi-needle"):
+        for t in trials[task]:
+            assert all(p in (1, 2) for p in answer_pages(tokenizer, t, 32)), t.answers

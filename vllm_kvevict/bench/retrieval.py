@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_kvevict.bench.common import (annotate_percent, close_llm, environment, label,
-                                       markdown_table, offline_llm, write_results)
+from vllm_kvevict.bench.common import (BLOCK_SIZE, annotate_percent, close_llm, environment,
+                                       label, markdown_table, offline_llm, write_results)
 from vllm_kvevict.bench.passkey import _runs
 
 
@@ -33,6 +33,8 @@ def run(model_path: str, out_dir: str, lengths: list[int], budgets: list[int],
     batches = {n: [t for task in tasks for t in retrieval.make_trials(tokenizer, task, n, trials,
                                                                        seed=seed)]
                for n in lengths}
+    spans = {id(t): retrieval.answer_pages(tokenizer, t, BLOCK_SIZE)
+             for batch in batches.values() for t in batch}
     configs = [(p, None) if p == "none" else (p, b) for p in policies
                for b in ([None] if p == "none" else budgets)]
     cells = []
@@ -49,7 +51,8 @@ def run(model_path: str, out_dir: str, lengths: list[int], budgets: list[int],
                 texts = [o.outputs[0].text for o in outputs]
                 for task in tasks:
                     rows = [(t, text) for t, text in zip(batch, texts) if t.task == task]
-                    cells.append(_cell(policy, budget, task, n, rows, seconds, retrieval))
+                    cells.append(_cell(policy, budget, task, n, rows, seconds, retrieval,
+                                       [spans[id(t)] for t, _ in rows]))
         finally:
             close_llm(llm)
     payload = {"environment": environment(model_path),
@@ -62,7 +65,7 @@ def run(model_path: str, out_dir: str, lengths: list[int], budgets: list[int],
     return payload
 
 
-def _cell(policy, budget, task, length, rows, seconds, retrieval) -> dict:
+def _cell(policy, budget, task, length, rows, seconds, retrieval, answer_pages) -> dict:
     found = [retrieval.score(t, text) for t, text in rows]
     partial = [retrieval.partial(t, text) for t, text in rows]
     return {"policy": policy, "budget": budget, "task": task, "length": length,
@@ -71,6 +74,7 @@ def _cell(policy, budget, task, length, rows, seconds, retrieval) -> dict:
             "depths": [list(t.depths) for t, _ in rows],
             "sources": [t.source for t, _ in rows], "answers": [list(t.answers) for t, _ in rows],
             "completions": [text for _, text in rows], "found": found, "partial": partial,
+            "answer_pages": answer_pages,
             "accuracy": sum(found) / len(found), "partial_mean": sum(partial) / len(partial),
             "batch_generate_s": round(seconds, 2)}
 
@@ -78,11 +82,14 @@ def _cell(policy, budget, task, length, rows, seconds, retrieval) -> dict:
 def merge(out_dir: str, name: str, sources: list[str]) -> dict:
     """Writes ``{out_dir}/{name}.{json,md,png}`` from the cells of earlier runs' JSON files.
 
-    Each (policy, budget, task, length) cell must come from exactly one source.
+    Each (policy, budget, task, length) cell must come from exactly one source. Single-needle
+    cells of runs made before ``answer_pages`` was recorded get it from their trials, made
+    again from the run's seed (with the bundled model's tokenizer).
     """
     payloads = [json.loads(Path(source).read_text()) for source in sources]
     cells, origin = [], {}
     for source, payload in zip(sources, payloads):
+        seed = _seed(payload["settings"])
         for c in payload["cells"]:
             key = (c["policy"], c["budget"], c["task"], c["length"])
             if key in origin:
@@ -90,12 +97,40 @@ def merge(out_dir: str, name: str, sources: list[str]) -> dict:
                                  f"~{c['length']} tokens is in both {origin[key]} and {source}")
             origin[key] = source
             cells.append(c)
+            if "answer_pages" not in c and c["task"] in _SINGLE and seed is not None:
+                _add_answer_pages(c, seed)
     merged = {"environment": payloads[-1]["environment"],
               "settings": {"merged_from": [run for p in payloads for run in
                                            _runs(p["settings"], p["environment"].get("date"))]},
               "cells": cells}
     _write(out_dir, name, merged)
     return merged
+
+
+_SINGLE = ("needle-last", "needle-first")
+_tokenizer = None
+
+
+def _seed(settings: dict) -> int | None:
+    """The trials' seed of a run, or of every run merged into it (None if unknown or mixed)."""
+    seeds = {run.get("seed") for run in settings.get("merged_from", [settings])}
+    return seeds.pop() if len(seeds) == 1 else None
+
+
+def _add_answer_pages(cell: dict, seed: int) -> None:
+    global _tokenizer
+    from vllm_kvevict.eval import retrieval
+
+    if _tokenizer is None:
+        from transformers import AutoTokenizer
+
+        from vllm_kvevict.bench.common import bundled_model
+
+        _tokenizer = AutoTokenizer.from_pretrained(bundled_model())
+    trials = retrieval.make_trials(_tokenizer, cell["task"], cell["length"], len(cell["found"]),
+                                   seed=seed)
+    if [list(t.answers) for t in trials] == cell.get("answers"):
+        cell["answer_pages"] = [retrieval.answer_pages(_tokenizer, t, BLOCK_SIZE) for t in trials]
 
 
 def _write(out_dir, name, payload) -> None:
@@ -132,7 +167,29 @@ def _table(cells, configs, tasks, lengths) -> str:
             "numbers in the asked order, then the share of needles named; var-chain: the chain's "
             "number, then the share of its links named in order). Haystacks rotate over the "
             "pydoc, docstrings and narrative sources; needle depths spread over 0..1.\n\n"
-            + markdown_table(["policy@budget"] + [f"{task} ~{n}" for task, n in columns], rows))
+            + markdown_table(["policy@budget"] + [f"{task} ~{n}" for task, n in columns], rows)
+            + _boundary_table(cells, configs))
+
+
+def _boundary_table(cells, configs) -> str:
+    """Single-needle trials split by whether the answer's tokens cross a page boundary."""
+    counts = {}
+    for c in cells:
+        if c["task"] not in _SINGLE or "answer_pages" not in c:
+            continue
+        split = counts.setdefault((c["policy"], c["budget"]), [0, 0, 0, 0])
+        for found, pages in zip(c["found"], c["answer_pages"]):
+            crossing = pages[0] is not None and pages[0] > 1
+            split[0 if crossing else 2] += found
+            split[1 if crossing else 3] += 1
+    if not counts:
+        return ""
+    rows = [[label(p, b)] + [f"{split[i]}/{split[i + 1]}" for i in (0, 2)]
+            for (p, b), split in ((pb, counts[pb]) for pb in configs if pb in counts)]
+    return (f"\n\nSingle needle (both tasks, all lengths), split by whether the answer's "
+            f"tokens cross a {BLOCK_SIZE}-token page boundary:\n\n"
+            + markdown_table(["policy@budget", "answer across pages: found",
+                              "answer within a page: found"], rows))
 
 
 _PARTIAL = {"multi-needle": "needles", "var-chain": "links"}

@@ -132,6 +132,20 @@ def make_trials(tokenizer, task: str, num_tokens: int, num_trials: int,
     return trials
 
 
+def answer_pages(tokenizer, trial: Trial, page_size: int) -> list[int | None]:
+    """How many pages of ``page_size`` tokens each answer's tokens span where the prompt first
+    holds them (2: the number is cut by a page boundary; None: not found as whole tokens)."""
+    ids = tokenizer.encode(trial.prompt)
+    spans = []
+    for answer in trial.answers:
+        word = tokenizer.encode(answer, add_special_tokens=False)
+        at = next((i for i in range(len(ids) - len(word) + 1) if ids[i:i + len(word)] == word),
+                  None)
+        spans.append(None if at is None
+                     else (at + len(word) - 1) // page_size - at // page_size + 1)
+    return spans
+
+
 def score(trial: Trial, completion: str) -> bool:
     """Exact: the completion's first 5-digit numbers are the answers, in the asked order."""
     return _NUMBER.findall(completion)[:len(trial.answers)] == list(trial.answers)

@@ -24,7 +24,7 @@ class PageRuntime(RequestRegistry):
     def __init__(self, layout: PageLayout, policy, digest: str, sparse_attention: bool,
                  store: HostPageStore, block_format: BlockFormat, num_layers: int,
                  ops: PageOps | None = None, observation_window: int = 0,
-                 per_head: bool = False):
+                 per_head: bool = False, read_ahead: bool = False):
         self.layout = layout
         self.policy = policy
         self.digest = digest
@@ -49,6 +49,7 @@ class PageRuntime(RequestRegistry):
         # selects (``page_heads`` is set to the KV heads by bind); otherwise one per block.
         self.per_head = per_head and self.recalls and not self.sparse_attention
         self.page_heads = 1
+        self.read_ahead = read_ahead  # keep the page after each row's best page too
         self.scale = 1.0  # the layers' softmax scale, set by bind
         self._keys: BlockKeys | None = None
         self.requests: dict[str, RequestPages] = {}
@@ -198,9 +199,11 @@ class PageRuntime(RequestRegistry):
     def _choose_anchors(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
                         batch: SelectionBatch) -> None:
         """Exact attention of each row's last ``num_observed`` prompt queries over its full
-        pages (each page still in its own block); the ``A`` unpinned pages with the most mass,
-        summed over those queries (and over KV heads, unless each head has its own placement),
-        become the layer's anchors and are pinned."""
+        pages (each page still in its own block), summed over those queries (and over KV heads,
+        unless each head has its own placement); a page's anchor score is its mass plus the
+        mass of the page before it, so that text cut by a page boundary (a number) is anchored
+        whole. The ``A`` unpinned pages scoring highest become the layer's anchors and are
+        pinned."""
         if self._keys is None:
             self._keys = BlockKeys.of(self.format, kv_cache)
         bs, window = self.layout.block_size, self.observation_window
@@ -222,6 +225,7 @@ class PageRuntime(RequestRegistry):
             mass = (mass * observed[..., None, None]).sum(1).flatten(0, 1)  # [R * kv, P]
         else:
             mass = (mass * observed[..., None]).sum(1)  # [R, P]
+        mass = mass + torch.nn.functional.pad(mass[:, :-1], (1, 0))  # + the page before
         pinned = batch.pinned[layer]
         ranked = mass.masked_fill(pinned | ~batch.valid, float("-inf"))
         count = min(self.anchor_pages, num_pages)
@@ -239,7 +243,8 @@ class PageRuntime(RequestRegistry):
         if self.recalls:  # otherwise every page is resident in its own block
             source = self.store.pages[layer] if from_host else kv_cache
         keep, scores, moved = self.ops.select(self.policy, query, self.store.digests[layer],
-                                              batch, layer, kv_cache, source, from_host)
+                                              batch, layer, kv_cache, source, from_host,
+                                              self.read_ahead)
         if source is not None:
             if isinstance(moved, int):  # counted on the host (CPU)
                 self._stats.evicted += moved
