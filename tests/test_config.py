@@ -44,7 +44,6 @@ def test_layout_uses_block_size():
     ({"sparse_attention": "maybe"}, "--kv-sparse-attention must be true or false, got 'maybe'"),
     ({"top_k_tokens": -1}, "--kv-top-k-tokens must be a positive integer, got -1"),
     ({"per_head_selection": "some"}, "--kv-per-head-selection must be true or false, got 'some'"),
-    ({"read_ahead": 2}, "--kv-read-ahead must be true or false, got 2"),
     ({"per_head_selection": True, "sparse_attention": True},
      "--kv-per-head-selection needs attention over every resident page; drop "
      "--kv-sparse-attention or pass --no-kv-per-head-selection"),
@@ -61,8 +60,6 @@ def test_arkvale_settings_from_strings():
     assert (config.host_space_gib, config.sparse_attention, config.top_k_tokens) == (0.5, True, 128)
     assert config.host_space_bytes == 1 << 29
     assert not config.selects_per_head  # one block table serves every head under sparse attention
-    assert not config.read_ahead
-    assert EvictionConfig.from_dict({"policy": "arkvale", "read_ahead": "on"}).read_ahead
 
 
 def test_per_head_selection_is_on_unless_sparse_attention():

@@ -57,8 +57,6 @@ class EvictionConfig:
         per_head_selection: (arkvale) each KV head selects its own pages, and each head's
             slice of a block holds the page that head selected; ``None``: on unless
             ``sparse_attention`` (one block table serves every head there).
-        read_ahead: (arkvale, quest) keep the page after each selection's best-scored page
-            too (text read from a page often goes on in the next one).
     """
 
     policy: str = "none"
@@ -72,7 +70,6 @@ class EvictionConfig:
     observation_window: int = DEFAULT_OBSERVATION_WINDOW
     recent_ratio: float | None = None
     per_head_selection: bool | None = None
-    read_ahead: bool = False
 
     def __post_init__(self) -> None:
         from vllm_kvevict.policies import POLICY_REGISTRY
@@ -92,7 +89,7 @@ class EvictionConfig:
         if isinstance(host, bool) or not isinstance(host, (int, float)) or not host > 0:
             raise EvictionConfigError(f"--kv-host-space must be a positive number of GiB, "
                                       f"got {host!r}")
-        for name in ("sparse_attention", "per_head_selection", "read_ahead"):
+        for name in ("sparse_attention", "per_head_selection"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "per_head_selection"
                                                     and value is None):
@@ -184,7 +181,7 @@ def _parse_string(name: str, value: str) -> Any:
     """A setting given as text (``--additional-config.kv_eviction.<name> VALUE``)."""
     if name in ("policy", "digest"):
         return value
-    if name in ("sparse_attention", "per_head_selection", "read_ahead"):
+    if name in ("sparse_attention", "per_head_selection"):
         lowered = value.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
             return True

@@ -64,22 +64,3 @@ def test_packed_scores_equal_score_pages_for_a_batch():
     lo = hi - torch.rand(5, 7, 2, 16)
     packed = score_packed_pages(query, torch.stack([hi, lo], dim=2))
     torch.testing.assert_close(packed, score_pages(query, hi, lo), rtol=1e-5, atol=1e-5)
-
-
-def test_read_ahead_raises_the_page_after_the_best():
-    from vllm_kvevict.algorithms.selection import read_ahead
-
-    scores = torch.tensor([[5.0, 1.0, 9.0, 2.0, 9.0, 0.0],    # first best (page 2): page 3
-                           [9.0, 1.0, 2.0, 7.0, 3.0, 0.0],    # page 0 pinned: best 3 -> 4
-                           [1.0, 2.0, 8.0, 3.0, 0.0, 0.0],    # after the best: pinned
-                           [1.0, 2.0, 3.0, 8.0, 0.0, 0.0],    # after the best: padding
-                           [1.0, 9.0, 9.0, 0.0, 0.0, 0.0]])   # first best 1, page 2 ties
-    valid = torch.tensor([[True] * 6, [True] * 6, [True] * 6, [True] * 4 + [False] * 2,
-                          [True] * 6])
-    pinned = torch.zeros_like(valid)
-    pinned[1, 0] = pinned[2, 3] = True
-    before = scores.clone()
-    read_ahead(scores, valid, pinned)
-    expected = before.clone()
-    expected[0, 3], expected[1, 4] = 9.0, 7.0
-    assert torch.equal(scores, expected)

@@ -410,9 +410,9 @@ def test_arkvale_flags_reach_additional_config(serve_parser, model_path):
         "policy": "arkvale", "host_space_gib": 0.5, "sparse_attention": True,
         "digest": "cuboid-max", "top_k_tokens": 128}}
     args = serve_engine_args(serve_parser, model_path, "--kv-eviction-policy", "arkvale",
-                             "--no-kv-per-head-selection", "--kv-read-ahead")
+                             "--no-kv-per-head-selection")
     assert args.additional_config == {"kv_eviction": {
-        "policy": "arkvale", "per_head_selection": False, "read_ahead": True}}
+        "policy": "arkvale", "per_head_selection": False}}
 
 
 def test_attention_statistics_flags_reach_additional_config(serve_parser, model_path):

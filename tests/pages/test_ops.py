@@ -15,19 +15,16 @@ QUEST_LAYOUT = PageLayout(block_size=BS, budget_pages=40, sink_pages=1, window_p
 FLASH = ["flash-LBNHC", "flash-BLNHC", "flash-LBHNC"]
 
 
-# (policy, sparse attention): arkvale-per-head places pages per KV head, with anchors;
-# arkvale-read-ahead also keeps the page after each row's best.
-CASES = [("arkvale", False), ("arkvale", True), ("quest", True), ("arkvale-per-head", False),
-         ("arkvale-read-ahead", False)]
+# (policy, sparse attention): arkvale-per-head places pages per KV head, with anchors.
+CASES = [("arkvale", False), ("arkvale", True), ("quest", True), ("arkvale-per-head", False)]
 
 
 def _engine(cache, policy, sparse, ops):
     if policy == "quest":
         return FakeEngine(cache=CACHES[cache], policy="quest", host_pages=0, layout=QUEST_LAYOUT,
                           ops=ops)
-    if policy in ("arkvale-per-head", "arkvale-read-ahead"):
-        return FakeEngine(cache=CACHES[cache], ops=ops, per_head=True, observation_window=2,
-                          read_ahead=policy == "arkvale-read-ahead")
+    if policy == "arkvale-per-head":
+        return FakeEngine(cache=CACHES[cache], ops=ops, per_head=True, observation_window=2)
     return FakeEngine(cache=CACHES[cache], sparse=sparse, ops=ops)
 
 
@@ -55,7 +52,7 @@ def test_kernels_match_torch_through_the_runtime(cache, policy, sparse):
     torch_engine = _engine(cache, policy, sparse, PageOps(host_sync_free=False))
     kernel_engine = _engine(cache, policy, sparse, TritonPageOps())
     recalls = 0
-    for batch, prompts, favour in _scenario(policy.startswith("arkvale-")):
+    for batch, prompts, favour in _scenario(policy == "arkvale-per-head"):
         _, torch_tables = torch_engine.step(batch, prompts, favour)
         _, kernel_tables = kernel_engine.step(batch, prompts, favour)
         slots = [h for state in kernel_engine.runtime.requests.values() for h in state.host_ids]
@@ -83,7 +80,7 @@ def test_kernels_match_torch_through_the_runtime(cache, policy, sparse):
 def test_compiled_cpu_kernels_match_torch_through_the_runtime(cache, policy, sparse):
     torch_engine = _engine(cache, policy, sparse, PageOps(host_sync_free=True))
     compiled_engine = _engine(cache, policy, sparse, CompiledCPUPageOps(host_sync_free=True))
-    for batch, prompts, favour in _scenario(policy.startswith("arkvale-")):
+    for batch, prompts, favour in _scenario(policy == "arkvale-per-head"):
         _, torch_tables = torch_engine.step(batch, prompts, favour)
         _, compiled_tables = compiled_engine.step(batch, prompts, favour)
         for layer in range(LAYERS):
@@ -128,7 +125,7 @@ def test_no_host_sync_per_layer_on_the_cuda_path(policy, sparse, monkeypatch):
 
     monkeypatch.setattr(runtime, "before_attention", counted(runtime.before_attention))
     monkeypatch.setattr(runtime, "after_attention", counted(runtime.after_attention))
-    steps = list(_scenario(policy.startswith("arkvale-")))
+    steps = list(_scenario(policy == "arkvale-per-head"))
     engine.step(*steps[0])  # prompts (not counted)
     calls.clear()
     commits = 0

@@ -46,22 +46,6 @@ def keep_mask(scores: torch.Tensor, valid: torch.Tensor, pinned: torch.Tensor,
     return torch.zeros_like(valid).scatter(1, num_pages - 1 - order, in_budget)
 
 
-def read_ahead(scores: torch.Tensor, valid: torch.Tensor, pinned: torch.Tensor) -> None:
-    """Raise the page after each row's best-scored unpinned page to that page's score (in
-    place), so that both are kept: text read from a page (a number copied token by token)
-    often goes on in the next one. The first best page counts; a pinned or padding successor
-    is left alone. ``scores``, ``valid``, ``pinned``: ``[rows, pages]``."""
-    ranked = scores.float().masked_fill(pinned | ~valid, float("-inf"))
-    best = ranked.argmax(1, keepdim=True)
-    top = ranked.gather(1, best)
-    after = (best + 1).clamp(max=scores.shape[1] - 1)
-    raise_it = ((top > float("-inf")) & (best + 1 < scores.shape[1]) & valid.gather(1, after)
-                & ~pinned.gather(1, after))
-    current = scores.gather(1, after)
-    scores.scatter_(1, after, torch.where(raise_it, torch.maximum(current, top.to(scores.dtype)),
-                                          current))
-
-
 def topk_prefer_recent(ranked: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` largest values; among equal values the larger index wins."""
     flipped = ranked.flip(0)

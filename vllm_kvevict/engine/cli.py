@@ -60,7 +60,6 @@ SETTINGS = {
     "kv_observation_window": "observation_window",
     "kv_recent_ratio": "recent_ratio",
     "kv_per_head_selection": "per_head_selection",
-    "kv_read_ahead": "read_ahead",
 }
 # argparse dest / LLM keyword -> key in additional_config["prefix_cache"]
 PREFIX_SETTINGS = {
@@ -166,8 +165,8 @@ def _add_cli_args(original, parser, *args, **kwargs):
         GROUP_TITLE, "vllm-kvevict: cap the KV cache each request keeps (per layer) once its "
         "prompt is processed. Also accepted as --additional-config.kv_eviction.<setting> "
         "(policy, budget, sink_tokens, window_tokens, top_k_tokens, host_space_gib, "
-        "sparse_attention, digest, observation_window, recent_ratio, per_head_selection, "
-        "read_ahead); these flags win over it.")
+        "sparse_attention, digest, observation_window, recent_ratio, per_head_selection); these "
+        "flags win over it.")
     # The defaults stay None ("not set": vLLM's help prints them as "(default: None)"), so only
     # what the user set reaches additional_config; the effective defaults live in EvictionConfig.
     group.add_argument("--kv-eviction-policy", choices=sorted(POLICY_REGISTRY), default=None,
@@ -202,10 +201,6 @@ def _add_cli_args(original, parser, *args, **kwargs):
                        help="arkvale: each KV head selects (and recalls) its own pages, each "
                             "head's slice of a block holding the page that head chose; on "
                             "unless --kv-sparse-attention.")
-    group.add_argument("--kv-read-ahead", action=argparse.BooleanOptionalAction, default=None,
-                       help="arkvale, quest: also keep the page after each selection's "
-                            "best-scored page (a number or phrase cut by a page boundary); off "
-                            "when unset.")
     group.add_argument("--kv-digest", choices=DIGEST_KINDS, default=None,
                        help="arkvale: page digest, cuboid-mean (ArkVale, default) or cuboid-max "
                             "(min/max keys, as Quest).")

@@ -85,7 +85,7 @@ def _new_runtime(config: EvictionConfig, spec, layer_names: list[str]) -> PageRu
     _runtime = PageRuntime(spec.layout, policy, policy.digest or config.digest,
                            config.sparse_attention, store, block_format, len(layer_names),
                            observation_window=config.observation_window,
-                           per_head=config.selects_per_head, read_ahead=config.read_ahead)
+                           per_head=config.selects_per_head)
     _runtime.layer_index = {name: i for i, name in enumerate(layer_names)}
     logger.info("vllm-kvevict: %s keeps up to %d pages per step and layer (%d sink, %d window, "
                 "%d anchored by the last %d prompt queries, top-%d%s), attends over %s; host store "
@@ -93,8 +93,7 @@ def _new_runtime(config: EvictionConfig, spec, layer_names: list[str]) -> PageRu
                 spec.sink_pages + spec.window_pages + _runtime.anchor_pages + spec.top_k_pages,
                 spec.sink_pages, spec.window_pages, _runtime.anchor_pages,
                 config.observation_window, spec.top_k_pages,
-                ("; chosen per KV head" if _runtime.per_head else "")
-                + ("; with the page after the best" if _runtime.read_ahead else ""),
+                "; chosen per KV head" if _runtime.per_head else "",
                 "them only" if _runtime.sparse_attention else "all resident pages", spec.host_pages)
     install_fault(_runtime)
     return _runtime

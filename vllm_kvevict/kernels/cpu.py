@@ -25,7 +25,7 @@ def _float32_bits(raw, bfloat16):
 # Sums may be reordered (vectorised); infinities stay exact (pinned pages rank +inf).
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinned, num_keep, held,
-                 candidates, blocks, head_of_row, source, cache, mode, keep, scores, read_ahead):
+                 candidates, blocks, head_of_row, source, cache, mode, keep, scores):
     """Score, keep and place pages for every selection row; returns the (head) pages moved.
 
     Args:
@@ -45,8 +45,6 @@ def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinne
             the page's own column) and the layer's KV cache.
         mode: ``NO_PLACEMENT`` (score and keep only), ``FROM_HOST`` or ``WITHIN_CACHE``.
         keep, scores: ``[R, P]`` outputs.
-        read_ahead: keep the page after each row's best page too
-            (:func:`vllm_kvevict.algorithms.selection.read_ahead`).
     """
     rows = row_tokens.shape[0]
     q_heads, head_dim = query.shape[1], query.shape[2]
@@ -99,23 +97,10 @@ def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinne
                                   + digest[half + a + d] * weights[half + a + d])
                     scores[r + k, p] = total / scale
         for j in range(r, r + span):
-            if read_ahead:
-                _read_ahead(j, n, scores, pinned)
             moved += _keep_and_place(j, n, scores, pinned, num_keep, held, candidates, blocks,
                                      host_ids, head_of_row, source, cache, mode, keep)
         r += span
     return moved
-
-
-@numba.njit(cache=True, nogil=True)
-def _read_ahead(r, n, scores, pinned):
-    """:func:`vllm_kvevict.algorithms.selection.read_ahead` on row ``r`` (``n`` pages)."""
-    best, top = -1, -np.inf
-    for p in range(n):
-        if not pinned[r, p] and scores[r, p] > top:
-            best, top = p, scores[r, p]
-    if best >= 0 and best + 1 < n and not pinned[r, best + 1] and scores[r, best + 1] < top:
-        scores[r, best + 1] = top
 
 
 @numba.njit(cache=True, nogil=True)

@@ -15,7 +15,6 @@ import torch
 
 from vllm_kvevict.algorithms.digest import page_digests, score_packed_pages
 from vllm_kvevict.algorithms.selection import keep_mask
-from vllm_kvevict.algorithms.selection import read_ahead as select_read_ahead
 from vllm_kvevict.pages.formats import BlockFormat
 from vllm_kvevict.pages.plan import SelectionBatch
 from vllm_kvevict.paging import INT_OF_WIDTH
@@ -45,19 +44,14 @@ class PageOps:
 
     def select(self, policy, query: torch.Tensor, digests: torch.Tensor, batch: SelectionBatch,
                layer: int, kv_cache: torch.Tensor, source: torch.Tensor | None,
-               from_host: bool, read_ahead: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+               from_host: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
         """One layer's selection for every row of ``batch``: scores, the keep mask (the
         layer's pinned pages, then the best-scored) and, unless ``source`` is None, the kept
         pages made resident (:meth:`place_kept`, updating ``batch.held[layer]``). Returns
         ``(keep [R, P], scores [R, P], pages moved)``, valid until the next layer's call;
-        ``query`` is the layer's ``[tokens, q_heads, head_dim]``; ``R`` counts selection rows;
-        ``read_ahead``: the page after each row's best page is kept too
-        (:func:`vllm_kvevict.algorithms.selection.read_ahead`)."""
+        ``query`` is the layer's ``[tokens, q_heads, head_dim]``; ``R`` counts selection rows."""
         held, pinned = batch.held[layer], batch.pinned[layer]
         scores = self.score(policy, batch.queries(query), digests, batch)
-        if read_ahead:
-            select_read_ahead(scores, batch.valid, pinned)
         keep = keep_mask(scores, batch.valid, pinned, batch.num_keep)
         moved = 0
         if source is not None:
@@ -195,11 +189,10 @@ class CompiledCPUPageOps(PageOps):
         self._key_offsets: dict[tuple[int, int], object] = {}
         self._arrays: dict[tuple, object] = {}
 
-    def select(self, policy, query, digests, batch, layer, kv_cache, source, from_host,
-               read_ahead=False):
+    def select(self, policy, query, digests, batch, layer, kv_cache, source, from_host):
         if not policy.digest_bound_score:
             return super().select(policy, query, digests, batch, layer, kv_cache, source,
-                                  from_host, read_ahead)
+                                  from_host)
         cpu, views = self._kernels, batch.arrays
         if query.dtype not in (torch.bfloat16, torch.float32):
             query = query.float()
@@ -211,7 +204,7 @@ class CompiledCPUPageOps(PageOps):
             views.host_ids, views.num_full, views.pinned[layer], views.num_keep,
             views.held[layer], views.candidates, views.blocks, views.head_of_row,
             cache if source is None else self._bits(source), cache, mode, views.keep,
-            views.scores, read_ahead)
+            views.scores)
         keep, scores = batch.outputs
         return keep, scores, moved
 

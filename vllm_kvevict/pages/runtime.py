@@ -24,7 +24,7 @@ class PageRuntime(RequestRegistry):
     def __init__(self, layout: PageLayout, policy, digest: str, sparse_attention: bool,
                  store: HostPageStore, block_format: BlockFormat, num_layers: int,
                  ops: PageOps | None = None, observation_window: int = 0,
-                 per_head: bool = False, read_ahead: bool = False):
+                 per_head: bool = False):
         self.layout = layout
         self.policy = policy
         self.digest = digest
@@ -49,7 +49,6 @@ class PageRuntime(RequestRegistry):
         # selects (``page_heads`` is set to the KV heads by bind); otherwise one per block.
         self.per_head = per_head and self.recalls and not self.sparse_attention
         self.page_heads = 1
-        self.read_ahead = read_ahead  # keep the page after each row's best page too
         self.scale = 1.0  # the layers' softmax scale, set by bind
         self._keys: BlockKeys | None = None
         self.requests: dict[str, RequestPages] = {}
@@ -243,8 +242,7 @@ class PageRuntime(RequestRegistry):
         if self.recalls:  # otherwise every page is resident in its own block
             source = self.store.pages[layer] if from_host else kv_cache
         keep, scores, moved = self.ops.select(self.policy, query, self.store.digests[layer],
-                                              batch, layer, kv_cache, source, from_host,
-                                              self.read_ahead)
+                                              batch, layer, kv_cache, source, from_host)
         if source is not None:
             if isinstance(moved, int):  # counted on the host (CPU)
                 self._stats.evicted += moved
