@@ -1,6 +1,7 @@
 """Retrieval accuracy on natural prose per policy, budget, task and prompt length."""
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -108,7 +109,6 @@ def merge(out_dir: str, name: str, sources: list[str]) -> dict:
 
 
 _SINGLE = ("needle-last", "needle-first")
-_tokenizer = None
 
 
 def _seed(settings: dict) -> int | None:
@@ -118,19 +118,30 @@ def _seed(settings: dict) -> int | None:
 
 
 def _add_answer_pages(cell: dict, seed: int) -> None:
-    global _tokenizer
+    answers, pages = _trial_pages(cell["task"], cell["length"], len(cell["found"]), seed)
+    if answers == cell.get("answers"):
+        cell["answer_pages"] = pages
+
+
+@functools.lru_cache(maxsize=None)
+def _trial_pages(task: str, length: int, num_trials: int, seed: int) -> tuple[list, list]:
+    """The answers of a run's trials and the pages each spans, made again (once per cell key,
+    shared by every policy's cell)."""
     from vllm_kvevict.eval import retrieval
 
-    if _tokenizer is None:
-        from transformers import AutoTokenizer
+    tokenizer = _bundled_tokenizer()
+    trials = retrieval.make_trials(tokenizer, task, length, num_trials, seed=seed)
+    return ([list(t.answers) for t in trials],
+            [retrieval.answer_pages(tokenizer, t, BLOCK_SIZE) for t in trials])
 
-        from vllm_kvevict.bench.common import bundled_model
 
-        _tokenizer = AutoTokenizer.from_pretrained(bundled_model())
-    trials = retrieval.make_trials(_tokenizer, cell["task"], cell["length"], len(cell["found"]),
-                                   seed=seed)
-    if [list(t.answers) for t in trials] == cell.get("answers"):
-        cell["answer_pages"] = [retrieval.answer_pages(_tokenizer, t, BLOCK_SIZE) for t in trials]
+@functools.lru_cache(maxsize=1)
+def _bundled_tokenizer():
+    from transformers import AutoTokenizer
+
+    from vllm_kvevict.bench.common import bundled_model
+
+    return AutoTokenizer.from_pretrained(bundled_model())
 
 
 def _write(out_dir, name, payload) -> None:
@@ -184,8 +195,8 @@ def _boundary_table(cells, configs) -> str:
             split[1 if crossing else 3] += 1
     if not counts:
         return ""
-    rows = [[label(p, b)] + [f"{split[i]}/{split[i + 1]}" for i in (0, 2)]
-            for (p, b), split in ((pb, counts[pb]) for pb in configs if pb in counts)]
+    rows = [[label(*pb)] + [f"{counts[pb][i]}/{counts[pb][i + 1]}" for i in (0, 2)]
+            for pb in configs if pb in counts]
     return (f"\n\nSingle needle (both tasks, all lengths), split by whether the answer's "
             f"tokens cross a {BLOCK_SIZE}-token page boundary:\n\n"
             + markdown_table(["policy@budget", "answer across pages: found",
