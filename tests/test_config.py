@@ -70,7 +70,13 @@ def test_per_head_selection_is_on_unless_sparse_attention():
 
 
 def test_top_k_default_follows_arkvale_and_fits_the_budget():
-    assert EvictionConfig(policy="arkvale", budget=512).layout(32).top_k_pages == 8  # 256 tokens
+    # Without anchors (sparse attention, quest's digest): ArkVale's min(1280, budget / 2).
+    sparse = EvictionConfig(policy="arkvale", budget=512, sparse_attention=True)
+    assert (sparse.keeps_anchors, sparse.layout(32).top_k_pages) == (False, 8)  # 256 tokens
+    assert EvictionConfig(policy="quest", budget=1024).layout(32).top_k_pages == 16
+    # With anchors, 3/8 of the budget; the anchors take the rest.
+    assert EvictionConfig(policy="arkvale", budget=512).layout(32).top_k_pages == 6  # 192 tokens
+    assert EvictionConfig(policy="arkvale", budget=1024).layout(32).top_k_pages == 12
     assert EvictionConfig(policy="arkvale", budget=8192).layout(32).top_k_pages == 40  # 1280
     assert EvictionConfig(policy="arkvale", budget=128).layout(32).top_k_pages == 0  # no room
     with pytest.raises(EvictionConfigError, match="--kv-top-k-tokens is 14 blocks of 32 tokens"):

@@ -21,8 +21,10 @@ DEFAULT_SINK_TOKENS = 64
 DEFAULT_WINDOW_TOKENS = 64
 DEFAULT_EVICTING_BLOCK_SIZE = 32
 DEFAULT_HOST_SPACE_GIB = 4.0
-# ArkVale's top-k rule: min(40 pages of 32, budget / 2) tokens.
+# ArkVale's top-k rule: min(40 pages of 32, budget / 2) tokens. With anchors (arkvale without
+# sparse attention) top-k takes 3/8 of the budget and anchors the rest (docs/bench retrieval).
 MAX_DEFAULT_TOP_K_TOKENS = 1280
+ANCHORED_TOP_K_SHARE = 3 / 8
 DIGEST_KINDS = ("cuboid-mean", "cuboid-max")
 # SnapKV's observation window: the last 32 prompt queries.
 DEFAULT_OBSERVATION_WINDOW = 32
@@ -42,8 +44,9 @@ class EvictionConfig:
         sink_tokens: the first tokens of every request, never evicted.
         window_tokens: the most recent tokens, never evicted.
         top_k_tokens: (selecting policies) tokens chosen per step by score besides sinks and
-            window; ``None``: ``min(1280, budget / 2)``, capped to what the budget leaves
-            (arkvale fills the rest with anchors, see ``observation_window``).
+            window; ``None``: ``min(1280, budget / 2)``, or ``min(1280, 3 * budget / 8)`` where
+            arkvale keeps anchors (it fills the rest with them, see ``observation_window``),
+            capped to what the budget leaves.
         host_space_gib: (recalling policies) host memory per worker for page backups, GiB.
         sparse_attention: (selecting policies) attend only over sinks + top-k + window instead
             of every resident page.
@@ -160,8 +163,19 @@ class EvictionConfig:
         """The page-granular view of this config for a cache of ``block_size`` tokens per block."""
         from vllm_kvevict.paging import PageLayout
 
+        share = ANCHORED_TOP_K_SHARE if self.keeps_anchors else 0.5
         return PageLayout.from_tokens(block_size, self.budget, self.sink_tokens,
-                                      self.recent_window_tokens, self.top_k_tokens)
+                                      self.recent_window_tokens, self.top_k_tokens, share)
+
+    @property
+    def keeps_anchors(self) -> bool:
+        """Whether the policy keeps anchors (prompt pages chosen by the last prompt queries'
+        exact attention) in the budget left besides sinks, window and top-k."""
+        from vllm_kvevict.policies import POLICY_REGISTRY
+
+        policy = POLICY_REGISTRY[self.policy]
+        return (getattr(policy, "anchors_observed_pages", False) and policy.recalls
+                and not self.sparse_attention and self.observation_window > 0)
 
     @property
     def recent_window_tokens(self) -> int:

@@ -60,11 +60,13 @@ class PageLayout:
 
     @classmethod
     def from_tokens(cls, block_size: int, budget: int, sink_tokens: int, window_tokens: int,
-                    top_k_tokens: int | None = None) -> "PageLayout":
+                    top_k_tokens: int | None = None,
+                    top_k_share: float = 0.5) -> "PageLayout":
         """Budget rounded down, sinks and window rounded up, to whole pages.
 
-        ``top_k_tokens=None`` picks ArkVale's rule, ``min(1280, budget / 2)`` tokens, capped to
-        the pages the budget leaves besides sinks and window; a given value is rounded down.
+        ``top_k_tokens=None`` picks ``min(1280, budget * top_k_share)`` tokens (ArkVale's rule
+        with the default half), capped to the pages the budget leaves besides sinks and window;
+        a given value is rounded down.
         """
         budget_pages = budget // block_size
         sink_pages = cdiv(sink_tokens, block_size)
@@ -72,7 +74,7 @@ class PageLayout:
         if top_k_tokens is None:
             from vllm_kvevict.config import MAX_DEFAULT_TOP_K_TOKENS
 
-            top_k_pages = min(MAX_DEFAULT_TOP_K_TOKENS, budget // 2) // block_size
+            top_k_pages = min(MAX_DEFAULT_TOP_K_TOKENS, int(budget * top_k_share)) // block_size
             top_k_pages = max(0, min(top_k_pages, budget_pages - sink_pages - window_pages))
         else:
             top_k_pages = top_k_tokens // block_size

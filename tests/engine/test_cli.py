@@ -226,7 +226,7 @@ def test_yaml_configs_resolve(serve_parser, model_path):
                                 REPO / "configs" / "arkvale.yaml")
     assert arkvale.additional_config["kv_eviction"] == {
         "policy": "arkvale", "budget": 512, "sink_tokens": 64, "window_tokens": 64,
-        "top_k_tokens": 256, "host_space_gib": 4.0,
+        "top_k_tokens": 192, "host_space_gib": 4.0,
         "digest": "cuboid-mean"}
     assert arkvale.create_engine_config().cache_config.block_size == 32
 

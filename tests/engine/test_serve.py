@@ -77,7 +77,7 @@ def test_passkey_recalled_through_the_server(client, server, model_path):
         assert time.monotonic() < deadline, "no page statistics line in the server log"
         time.sleep(1)
     assert ("vllm-kvevict: arkvale keeps up to 16 pages per step and layer (2 sink, 2 window, "
-            "4 anchored by the last 32 prompt queries, top-8; chosen per KV head)"
+            "6 anchored by the last 32 prompt queries, top-6; chosen per KV head)"
             ) in server[1].read_text()
 
 

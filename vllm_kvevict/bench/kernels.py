@@ -106,7 +106,8 @@ def _one_config(context, batch, budget, page_size, num_q_heads, num_kv_heads, he
     q4 = query[:, :, None]
     sdpa_s = _timed(lambda: torch.nn.functional.scaled_dot_product_attention(
         q4, k, v, scale=scale, enable_gqa=True), device, repeats)
-    del kv, k, v
+    del kv
+    k = v = None  # freed before the next size
     read_bytes = 2 * batch * keep * page_size * num_kv_heads * head_dim * query.element_size()
     bandwidth = read_bytes / sparse_s
     step = scoring_s + sparse_s

@@ -184,7 +184,8 @@ def _add_cli_args(original, parser, *args, **kwargs):
     group.add_argument("--kv-top-k-tokens", type=int, default=None, metavar="TOKENS",
                        help="arkvale, quest: tokens picked per step by digest score besides "
                             "sinks and window, rounded down to blocks; when unset min(1280, "
-                            "budget/2) (arkvale) or the rest of the budget (quest). arkvale "
+                            "3/8 of the budget) (arkvale; budget/2 with --kv-sparse-attention) "
+                            "or the rest of the budget (quest). arkvale "
                             "fills the rest of the budget with anchors: per layer, the prompt "
                             "pages its last --kv-observation-window queries attend to most.")
     group.add_argument("--kv-host-space", type=float, default=None, metavar="GIB",
