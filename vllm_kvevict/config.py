@@ -172,10 +172,11 @@ class EvictionConfig:
         """Whether the policy keeps anchors (prompt pages chosen by the last prompt queries'
         exact attention) in the budget left besides sinks, window and top-k."""
         from vllm_kvevict.policies import POLICY_REGISTRY
+        from vllm_kvevict.policies.base import PageSelectionPolicy
 
         policy = POLICY_REGISTRY[self.policy]
-        return (getattr(policy, "anchors_observed_pages", False) and policy.recalls
-                and not self.sparse_attention and self.observation_window > 0)
+        return (isinstance(policy, PageSelectionPolicy)
+                and policy.keeps_anchors(self.sparse_attention, self.observation_window))
 
     @property
     def recent_window_tokens(self) -> int:

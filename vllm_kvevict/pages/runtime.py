@@ -41,8 +41,7 @@ class PageRuntime(RequestRegistry):
         # the prompt's last ``observation_window`` queries attend to most (chosen when it ends).
         self.observation_window = observation_window
         self.anchor_pages = 0
-        if (policy.anchors_observed_pages and self.recalls and not self.sparse_attention
-                and observation_window > 0):
+        if policy.keeps_anchors(sparse_attention, observation_window):
             self.anchor_pages = (layout.budget_pages - layout.sink_pages - layout.window_pages
                                  - layout.top_k_pages)
         # One placement per KV head: each head's slice of a block holds the page that head

@@ -51,6 +51,12 @@ class PageSelectionPolicy(EvictionPolicy):
     # the request's life (recalling policies without sparse attention).
     anchors_observed_pages: ClassVar[bool] = False
 
+    def keeps_anchors(self, sparse_attention: bool, observation_window: int) -> bool:
+        """Whether, with these settings, the budget left besides sinks, window and top-k holds
+        anchors."""
+        return (self.anchors_observed_pages and self.recalls and not sparse_attention
+                and observation_window > 0)
+
     def score(self, query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
         """``[num_pages]`` scores (higher = keep) of pages with digests ``hi``/``lo``
         (``[num_pages, num_kv_heads, head_dim]``) for one query ``[num_q_heads, head_dim]``."""
