@@ -11,6 +11,7 @@ from vllm_kvevict.algorithms.attention_stats import (PageAttentionStats, accumul
 from vllm_kvevict.algorithms.selection import topk_prefer_recent
 from vllm_kvevict.attention_pages import AttentionStatsRuntime
 from vllm_kvevict.pages.keys import BlockKeys
+from vllm_kvevict.pages.ops import CompiledCPUPageOps, PageOps
 from vllm_kvevict.pages import CPUBlockFormat
 from vllm_kvevict.paging import PageLayout
 from vllm_kvevict.policies import get_policy
@@ -194,14 +195,18 @@ def any_cache(request):
     return ALL_CACHES[request.param]
 
 
+@pytest.mark.parametrize("ops", ["torch", "compiled"])
 @pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv", "lra", "lfa"])
-def test_batched_rows_match_row_by_row(policy, any_cache):
+def test_batched_rows_match_row_by_row(policy, any_cache, ops):
     """Prompts ending together and alongside decode rows (windows of 4, 2 and 1 queries),
     prompt-end and decode evictions of several rows at once: the same statistics and the same
-    pages, in the same blocks, as observing and evicting row by row."""
+    pages, in the same blocks, as observing and evicting row by row; with the torch ops and
+    with the compiled CPU ones (page masses and statistics in one call per layer)."""
+    batched_ops = PageOps() if ops == "torch" else CompiledCPUPageOps()
     engines = []
     for runtime_cls in (AttentionStatsRuntime, RowByRowRuntime):
-        runtime = runtime_cls(LAYOUT, get_policy(policy), any_cache.fmt, LAYERS, 4)
+        runtime = runtime_cls(LAYOUT, get_policy(policy), any_cache.fmt, LAYERS, 4,
+                              ops=batched_ops if runtime_cls is AttentionStatsRuntime else None)
         runtime.bind(None, 1, HEAD_DIM, HEAD_DIM ** -0.5)
         engines.append(FakeEngine(layout=LAYOUT, runtime=runtime, cache=any_cache))
     prompts = {"a": 10 * BS, "b": 7 * BS + 2, "c": 3 * BS + 1, "d": 12 * BS + 3, "e": 9 * BS,

@@ -18,9 +18,10 @@ Because layers keep different pages, :class:`~vllm_kvevict.pages.RequestPages` r
 which page each owned block holds. Statistics are kept by logical page, so they survive moves.
 
 Each step is planned once on the host (:class:`StatsBatch`: padded tensors, each moved to the
-device once); each layer then observes (one attention-mass pass over every observing query) and
-evicts (one ranking and one masked block copy) for all rows at once, with no host sync; the
-requests' statistics and page tables are written back after the last layer.
+device once); each layer then observes (one attention-mass pass over every observing query: the
+products with the keys in torch, then, on CPU, softmax, page sums and the statistics update in one
+compiled call) and evicts (one ranking and one masked block copy) for all rows at once, with no
+host sync; the requests' statistics and page tables are written back after the last layer.
 
 Invariants (per request, per layer): between steps every owned block at a full position holds a
 distinct page; sinks and window pages are held at their own positions; with nothing freed nothing
@@ -29,6 +30,7 @@ moves, so under a budget that covers the context the result is the stock computa
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Sequence
 
 import torch
@@ -128,6 +130,11 @@ class StatsBatch:
             query_positions += range(obs.num_tokens - n, obs.num_tokens)
             last_query.append(len(query_rows) - 1)
         as_tensor = lambda ids: torch.tensor(ids, dtype=torch.int64)  # noqa: E731
+        # For compiled observation: row i's queries at row_starts[i]:row_starts[i + 1], its
+        # columns.
+        observing = order[:self.num_observing]
+        host.update(row_starts=as_tensor([0] + [obs.num_queries for obs in observing]).cumsum(0),
+                    row_cols=as_tensor([len(obs.blocks) for obs in observing]))
         host.update(single_query=as_tensor([obs.first_query for obs in single]),
                     window_query=window_query, window_rows=as_tensor(window_rows),
                     window_slots=as_tensor(window_slots))
@@ -159,6 +166,17 @@ class StatsBatch:
         self.last_query, self.evict_rows = moved["last_query"], moved["evict_rows"]
         self.full, self.stays, self.num_keep = moved["full"], moved["stays"], moved["num_keep"]
         self.window_start = moved["window_start"]
+        self.row_starts, self.row_cols = moved["row_starts"], moved["row_cols"]
+        self._arrays: types.SimpleNamespace | None = None
+
+    @property
+    def arrays(self) -> types.SimpleNamespace:
+        """Numpy views of the tensors compiled CPU code reads and updates (CPU only)."""
+        if self._arrays is None:
+            self._arrays = types.SimpleNamespace(
+                row_starts=self.row_starts.numpy(), query_positions=self.query_positions.numpy(),
+                row_cols=self.row_cols.numpy(), held=self.held.numpy(), stats=self.stats.numpy())
+        return self._arrays
 
     def commit(self) -> None:
         """Write the observing rows' statistics (on the device) and the evicting rows' page
@@ -312,6 +330,8 @@ class AttentionStatsRuntime(RequestRegistry):
                                 for group in logits])
         else:
             logits = logits[0]
+        if self.ops.add_page_statistics(logits, batch, layer, bs):
+            return
         held = batch.held[layer, :rows, :num_cols]  # [R, C]
         key_positions = held.unsqueeze(-1) * bs + torch.arange(bs, device=held.device)
         if rows > single:  # window rows: one entry per query

@@ -233,3 +233,109 @@ def backup_pages(cache, blocks, slots, key_offsets, head_dim, bfloat16, cuboid_m
                 digests[slot, 1, h, d] = bottom
         if copy:
             host_pages[slot] = cache[block]
+
+
+# Attention statistics (h2o, tova, roco, snapkv, lra, lfa): rows of NUM_STATS (see
+# vllm_kvevict.algorithms.attention_stats).
+_TOTAL, _SQUARES, _COUNT, _ATTENDED, _LAST, _LAST_ATTENDED = range(6)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _exp_shifted(values, top, bits, count):
+    """``values[:count] = exp(values[:count] - top)`` for arguments <= 0, in a loop that
+    vectorises (libm's expf does not): a polynomial times 2^n, as two factors so that tiny
+    results come out denormal as torch's do (relative error within 2e-7 for normal results).
+    ``bits``: int32 scratch of at least ``2 * count``."""
+    scale = bits.view(np.float32)
+    for j in range(count):
+        v = max(values[j] - top, np.float32(-104.0))
+        n = np.floor(v * np.float32(1.4426950408889634) + np.float32(0.5))
+        r = v - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        values[j] = p * r * r + r + np.float32(1.0)
+        low = np.int32(n) >> np.int32(1)
+        bits[2 * j] = (low + np.int32(127)) << np.int32(23)
+        bits[2 * j + 1] = (np.int32(n) - low + np.int32(127)) << np.int32(23)
+    for j in range(count):
+        values[j] = values[j] * scale[2 * j] * scale[2 * j + 1]
+
+
+# No reassociation: equal logits give equal masses, wherever they lie (ties rank by page).
+@numba.njit(cache=True, nogil=True)
+def add_page_statistics(logits, bfloat16, query_positions, row_starts, held, row_cols,
+                        block_size, margin, stats):
+    """Turn the observing queries' products with their rows' keys into attention masses per
+    page and add them to the rows' statistics, as the torch path does.
+
+    Args:
+        logits: ``[Q, kv_heads, group, C * block_size]`` scaled products ``scale * q . k``
+            as integer bits (``bfloat16``: 16-bit halves of float32, else float32 bits), keys
+            in column order; the queries of row ``r`` at ``row_starts[r]:row_starts[r + 1]``.
+        query_positions: ``[Q]`` each query's position.
+        held: ``[R, C]`` the page each column holds; ``row_cols`` ``[R]`` the row's columns
+            (the rest is padding, never read).
+        margin: the even-share margin of ``attended``.
+        stats: ``[R, NUM_STATS, P + 1]`` float32, updated.
+    """
+    rows = row_starts.shape[0] - 1
+    kv_heads, group, width = logits.shape[1], logits.shape[2], logits.shape[3]
+    bits = np.empty(width, dtype=np.uint32)
+    values = bits.view(np.float32)
+    exp_bits = np.empty(2 * width, dtype=np.int32)
+    share = np.float32(1.0) / np.float32(kv_heads * group)
+    for r in range(rows):
+        cols = row_cols[r]
+        seen = np.empty(cols, dtype=np.int64)
+        mass = np.empty(cols, dtype=np.float32)
+        sums = np.empty(cols, dtype=np.float32)
+        for q in range(row_starts[r], row_starts[r + 1]):
+            position = query_positions[q]
+            visible = 0
+            for c in range(cols):
+                seen[c] = min(max(position - held[r, c] * block_size + 1, 0), block_size)
+                visible += seen[c]
+            mass[:] = 0.0
+            # Softmax over the keys the query sees (the first seen[c] of each column); page
+            # sums, averaged over the query heads.
+            for h in range(kv_heads):
+                for g in range(group):
+                    row = logits[q, h, g]
+                    for j in range(cols * block_size):
+                        bits[j] = _float32_bits(row[j], bfloat16)
+                    top = -np.inf
+                    for c in range(cols):
+                        for t in range(seen[c]):
+                            top = max(top, values[c * block_size + t])
+                    _exp_shifted(values, top, exp_bits, cols * block_size)
+                    total = np.float32(0.0)
+                    for c in range(cols):
+                        page = np.float32(0.0)
+                        for t in range(seen[c]):
+                            page += values[c * block_size + t]
+                        sums[c] = page
+                        total += page
+                    scale = share / total
+                    for c in range(cols):
+                        mass[c] += sums[c] * scale
+            last = q == row_starts[r + 1] - 1
+            for c in range(cols):
+                page = held[r, c]
+                m = mass[c]
+                hit = m * np.float32(visible) > np.float32(seen[c]) * np.float32(margin)
+                stats[r, _TOTAL, page] += m
+                stats[r, _SQUARES, page] += m * m
+                if seen[c] > 0:
+                    stats[r, _COUNT, page] += 1.0
+                if hit:
+                    stats[r, _ATTENDED, page] += 1.0
+                if last:
+                    stats[r, _LAST, page] = m
+                use = np.float32(position) if hit else (
+                    np.float32(page * block_size) if seen[c] > 0 else 0.0)
+                if use > stats[r, _LAST_ATTENDED, page]:
+                    stats[r, _LAST_ATTENDED, page] = use

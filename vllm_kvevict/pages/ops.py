@@ -13,6 +13,7 @@ import importlib.util
 
 import torch
 
+from vllm_kvevict.algorithms.attention_stats import EVEN_SHARE_MARGIN
 from vllm_kvevict.algorithms.digest import page_digests, score_packed_pages
 from vllm_kvevict.algorithms.selection import keep_mask
 from vllm_kvevict.pages.formats import BlockFormat
@@ -113,6 +114,17 @@ class PageOps:
         if host_pages is not None:
             host_pages.index_copy_(0, slots.to(host_pages.device), pages.to(host_pages.device))
 
+    def add_page_statistics(self, logits: torch.Tensor, batch, layer: int,
+                            block_size: int) -> bool:
+        """Add the observing queries' attention masses per page, from ``logits``
+        ``[queries, kv_heads, group, C * block_size]`` (their scaled products with their rows'
+        keys, in column order), to the statistics of ``batch`` (a
+        :class:`~vllm_kvevict.attention_pages.StatsBatch`) in ``layer``, in one call, as the
+        torch path of :class:`~vllm_kvevict.attention_pages.AttentionStatsRuntime` does.
+        Returns False where there is no such call (here: never; the caller's torch path
+        runs)."""
+        return False
+
     def copy_pages(self, src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor,
                    dst_ids: torch.Tensor, valid: torch.Tensor,
                    heads: torch.Tensor | None = None) -> None:
@@ -178,8 +190,9 @@ class TritonPageOps(PageOps):
 
 class CompiledCPUPageOps(PageOps):
     """CPU: one compiled call per layer for every row (:mod:`vllm_kvevict.kernels.cpu`): the
-    selection of policies scored by the digest bound, sparse block tables, and backups of
-    bfloat16/float32 caches; the rest as :class:`PageOps`."""
+    selection of policies scored by the digest bound, sparse block tables, backups of
+    bfloat16/float32 caches, and the attention statistics' page masses; the rest as
+    :class:`PageOps`."""
 
     def __init__(self, host_sync_free: bool = True) -> None:
         super().__init__(host_sync_free)
@@ -233,6 +246,16 @@ class CompiledCPUPageOps(PageOps):
             cache, blocks.numpy(), slots.numpy(), self._key_offsets[key], row // 2,
             kv_cache.dtype == torch.bfloat16, digest_kind == "cuboid-mean", self._array(digests),
             cache if host_pages is None else self._bits(host_pages), host_pages is not None)
+
+    def add_page_statistics(self, logits, batch, layer, block_size):
+        if logits.dtype not in (torch.bfloat16, torch.float32):
+            return False
+        rows, views = batch.num_observing, batch.arrays
+        self._kernels.add_page_statistics(
+            _bits(logits.contiguous()), logits.dtype == torch.bfloat16, views.query_positions,
+            views.row_starts, views.held[layer, :rows], views.row_cols, block_size,
+            EVEN_SHARE_MARGIN, views.stats[layer, :rows])
+        return True
 
     def attended_blocks(self, batch, keep, held):
         rows, num_cols = held.shape
