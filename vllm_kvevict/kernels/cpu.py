@@ -54,6 +54,14 @@ def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinne
     weights = np.empty(2 * half, dtype=np.float32)
     bits = np.empty(q_heads * head_dim, dtype=np.uint32)
     values = bits.view(np.float32)
+    # Scratch of _keep_and_place, allocated once per call.
+    num_pages, num_cols = host_ids.shape[1], held.shape[1]
+    best_scores = np.empty(num_pages + 1, dtype=np.float32)
+    best_pages = np.empty(num_pages + 1, dtype=np.int64)
+    in_place = np.empty(num_pages, dtype=np.bool_)
+    missing = np.empty(num_pages, dtype=np.int64)
+    victim_cols = np.empty(num_cols, dtype=np.int64)
+    victim_scores = np.empty(num_cols, dtype=np.float32)
     moved = 0
     r = 0
     while r < rows:
@@ -98,22 +106,24 @@ def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinne
                     scores[r + k, p] = total / scale
         for j in range(r, r + span):
             moved += _keep_and_place(j, n, scores, pinned, num_keep, held, candidates, blocks,
-                                     host_ids, head_of_row, source, cache, mode, keep)
+                                     host_ids, head_of_row, source, cache, mode, keep,
+                                     best_scores, best_pages, in_place, missing, victim_cols,
+                                     victim_scores)
         r += span
     return moved
 
 
 @numba.njit(cache=True, nogil=True)
 def _keep_and_place(r, n, scores, pinned, num_keep, held, candidates, blocks, host_ids,
-                    head_of_row, source, cache, mode, keep):
-    """Row ``r`` of :func:`select_pages` once scored: its keep mask and placement."""
+                    head_of_row, source, cache, mode, keep, best_scores, best_pages, in_place,
+                    missing, victim_cols, victim_scores):
+    """Row ``r`` of :func:`select_pages` once scored: its keep mask and placement (the
+    arrays after ``keep``: scratch, at least ``n + 1`` pages or the row's columns long)."""
     keep[r, :] = False
     # The best num_keep pages, pinned first, the more recent page winning a tie: a sorted
     # list of the best so far, filled from the most recent page down (an equal score never
     # displaces a page already in it).
     count = min(num_keep[r], n)
-    best_scores = np.empty(count + 1, dtype=np.float32)
-    best_pages = np.empty(count + 1, dtype=np.int64)
     size = 0
     for p in range(n - 1, -1, -1):
         v = np.float32(np.inf) if pinned[r, p] else scores[r, p]
@@ -133,11 +143,10 @@ def _keep_and_place(r, n, scores, pinned, num_keep, held, candidates, blocks, ho
     if mode == NO_PLACEMENT:
         return 0
     num_cols = held.shape[1]
-    in_place = np.zeros(n, dtype=np.bool_)
+    in_place[:n] = False
     for c in range(num_cols):
         if candidates[r, c] and held[r, c] < n:
             in_place[held[r, c]] = True
-    missing = np.empty(n, dtype=np.int64)
     num_missing = 0
     for p in range(n):
         if keep[r, p] and not in_place[p]:
@@ -146,8 +155,6 @@ def _keep_and_place(r, n, scores, pinned, num_keep, held, candidates, blocks, ho
     if num_missing == 0:
         return 0
     # Victims: candidate columns holding pages not kept, lowest score first (ties: column).
-    victim_cols = np.empty(num_cols, dtype=np.int64)
-    victim_scores = np.empty(num_cols, dtype=np.float32)
     num_victims = 0
     for c in range(num_cols):
         page = held[r, c]
@@ -157,11 +164,20 @@ def _keep_and_place(r, n, scores, pinned, num_keep, held, candidates, blocks, ho
             num_victims += 1
     if num_victims < num_missing:
         raise RuntimeError("vllm-kvevict: fewer columns to overwrite than kept pages")
-    ranked_victims = np.argsort(victim_scores[:num_victims], kind="mergesort")
     head = head_of_row[r]
     for i in range(num_missing):
+        # The lowest-scored victim left (the first in column order among equals).
+        lowest = i
+        for v in range(i + 1, num_victims):
+            if victim_scores[v] < victim_scores[lowest]:
+                lowest = v
+        # Move it to position i, keeping the rest in column order (a stable selection).
+        col, low_score = victim_cols[lowest], victim_scores[lowest]
+        for v in range(lowest, i, -1):
+            victim_cols[v] = victim_cols[v - 1]
+            victim_scores[v] = victim_scores[v - 1]
+        victim_cols[i], victim_scores[i] = col, low_score
         page = missing[i]
-        col = victim_cols[ranked_victims[i]]
         src = host_ids[r, page] if mode == FROM_HOST else blocks[r, page]
         if head >= 0:
             cache[blocks[r, col], head] = source[src, head]
