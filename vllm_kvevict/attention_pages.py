@@ -36,9 +36,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from vllm_kvevict.algorithms.attention_stats import (LAST, LAST_ATTENDED, NUM_STATS, NUM_SUMS,
-                                                     PageAttentionStats, attended, latest_use,
-                                                     page_mass_from_logits)
+from vllm_kvevict.algorithms.attention_stats import NUM_STATS, PageAttentionStats
 from vllm_kvevict.algorithms.selection import keep_mask
 from vllm_kvevict.pages import (BlockFormat, HostPageStore, PageStats, RequestPages,
                                 RequestRegistry, RowInput, own_row_blocks)
@@ -330,30 +328,7 @@ class AttentionStatsRuntime(RequestRegistry):
                                 for group in logits])
         else:
             logits = logits[0]
-        if self.ops.add_page_statistics(logits, batch, layer, bs):
-            return
-        held = batch.held[layer, :rows, :num_cols]  # [R, C]
-        key_positions = held.unsqueeze(-1) * bs + torch.arange(bs, device=held.device)
-        if rows > single:  # window rows: one entry per query
-            key_positions = key_positions.index_select(0, batch.query_rows)  # [queries, C, bs]
-        positions = batch.query_positions.unsqueeze(1)
-        mass = page_mass_from_logits(logits.unsqueeze(1), key_positions, positions)[:, 0]
-        seen_tokens = (key_positions <= positions.unsqueeze(-1)).sum(-1)  # [queries, C]
-        hit = attended(mass, seen_tokens)
-        # TOTAL, SQUARES, COUNT, ATTENDED: rows 0..NUM_SUMS - 1
-        added = torch.stack([mass, mass * mass, (seen_tokens > 0).float(), hit.float()], 1)
-        last = mass
-        use = latest_use(hit, seen_tokens, batch.query_positions, key_positions[:, :, 0])
-        if rows > single:  # sums over each row's queries; its last query's mass; latest use
-            added = torch.zeros((rows, NUM_SUMS, num_cols), dtype=mass.dtype,
-                                device=mass.device).index_add_(0, batch.query_rows, added)
-            last = mass.index_select(0, batch.last_query)
-            use = torch.zeros((rows, num_cols), dtype=use.dtype, device=use.device).scatter_reduce_(
-                0, batch.query_rows.unsqueeze(1).expand(-1, num_cols), use, "amax")
-        stats = batch.stats[layer, :rows]  # [R, NUM_STATS, P + 1]
-        stats[:, :NUM_SUMS].scatter_add_(2, held.unsqueeze(1).expand(-1, NUM_SUMS, -1), added)
-        stats[:, LAST].scatter_(1, held, last)
-        stats[:, LAST_ATTENDED].scatter_reduce_(1, held, use, "amax")
+        self.ops.add_page_statistics(logits, batch, layer, bs)
 
     def _evict(self, layer: int, kv_cache: torch.Tensor, batch: StatsBatch) -> None:
         """Keep each row's sinks, window and best-scored full pages (as many as its blocks that

@@ -304,18 +304,18 @@ def add_page_statistics(logits, bfloat16, query_positions, row_starts, held, row
     values = bits.view(np.float32)
     exp_bits = np.empty(2 * width, dtype=np.int32)
     share = np.float32(1.0) / np.float32(kv_heads * group)
+    seen = np.empty(width // block_size, dtype=np.int64)  # per column, for the query at hand
+    mass = np.empty(width // block_size, dtype=np.float32)
+    sums = np.empty(width // block_size, dtype=np.float32)
     for r in range(rows):
         cols = row_cols[r]
-        seen = np.empty(cols, dtype=np.int64)
-        mass = np.empty(cols, dtype=np.float32)
-        sums = np.empty(cols, dtype=np.float32)
         for q in range(row_starts[r], row_starts[r + 1]):
             position = query_positions[q]
             visible = 0
             for c in range(cols):
                 seen[c] = min(max(position - held[r, c] * block_size + 1, 0), block_size)
                 visible += seen[c]
-            mass[:] = 0.0
+            mass[:cols] = 0.0
             # Softmax over the keys the query sees (the first seen[c] of each column); page
             # sums, averaged over the query heads.
             for h in range(kv_heads):

@@ -13,7 +13,9 @@ import importlib.util
 
 import torch
 
-from vllm_kvevict.algorithms.attention_stats import EVEN_SHARE_MARGIN
+from vllm_kvevict.algorithms.attention_stats import (EVEN_SHARE_MARGIN, LAST, LAST_ATTENDED,
+                                                     NUM_SUMS, attended, latest_use,
+                                                     page_mass_from_logits)
 from vllm_kvevict.algorithms.digest import page_digests, score_packed_pages
 from vllm_kvevict.algorithms.selection import keep_mask
 from vllm_kvevict.pages.formats import BlockFormat
@@ -115,15 +117,37 @@ class PageOps:
             host_pages.index_copy_(0, slots.to(host_pages.device), pages.to(host_pages.device))
 
     def add_page_statistics(self, logits: torch.Tensor, batch, layer: int,
-                            block_size: int) -> bool:
+                            block_size: int) -> None:
         """Add the observing queries' attention masses per page, from ``logits``
         ``[queries, kv_heads, group, C * block_size]`` (their scaled products with their rows'
-        keys, in column order), to the statistics of ``batch`` (a
-        :class:`~vllm_kvevict.attention_pages.StatsBatch`) in ``layer``, in one call, as the
-        torch path of :class:`~vllm_kvevict.attention_pages.AttentionStatsRuntime` does.
-        Returns False where there is no such call (here: never; the caller's torch path
-        runs)."""
-        return False
+        keys, in column order; the one-query rows' queries, then each window row's), to the
+        statistics of ``batch`` (a :class:`~vllm_kvevict.attention_pages.StatsBatch`) in
+        ``layer``."""
+        rows, single = batch.num_observing, batch.num_single
+        num_cols = logits.shape[-1] // block_size
+        held = batch.held[layer, :rows, :num_cols]  # [R, C]
+        key_positions = held.unsqueeze(-1) * block_size + torch.arange(block_size,
+                                                                       device=held.device)
+        if rows > single:  # window rows: one entry per query
+            key_positions = key_positions.index_select(0, batch.query_rows)  # [queries, C, bs]
+        positions = batch.query_positions.unsqueeze(1)
+        mass = page_mass_from_logits(logits.unsqueeze(1), key_positions, positions)[:, 0]
+        seen_tokens = (key_positions <= positions.unsqueeze(-1)).sum(-1)  # [queries, C]
+        hit = attended(mass, seen_tokens)
+        # TOTAL, SQUARES, COUNT, ATTENDED: rows 0..NUM_SUMS - 1
+        added = torch.stack([mass, mass * mass, (seen_tokens > 0).float(), hit.float()], 1)
+        last = mass
+        use = latest_use(hit, seen_tokens, batch.query_positions, key_positions[:, :, 0])
+        if rows > single:  # sums over each row's queries; its last query's mass; latest use
+            added = torch.zeros((rows, NUM_SUMS, num_cols), dtype=mass.dtype,
+                                device=mass.device).index_add_(0, batch.query_rows, added)
+            last = mass.index_select(0, batch.last_query)
+            use = torch.zeros((rows, num_cols), dtype=use.dtype, device=use.device).scatter_reduce_(
+                0, batch.query_rows.unsqueeze(1).expand(-1, num_cols), use, "amax")
+        stats = batch.stats[layer, :rows]  # [R, NUM_STATS, P + 1]
+        stats[:, :NUM_SUMS].scatter_add_(2, held.unsqueeze(1).expand(-1, NUM_SUMS, -1), added)
+        stats[:, LAST].scatter_(1, held, last)
+        stats[:, LAST_ATTENDED].scatter_reduce_(1, held, use, "amax")
 
     def copy_pages(self, src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor,
                    dst_ids: torch.Tensor, valid: torch.Tensor,
@@ -249,13 +273,12 @@ class CompiledCPUPageOps(PageOps):
 
     def add_page_statistics(self, logits, batch, layer, block_size):
         if logits.dtype not in (torch.bfloat16, torch.float32):
-            return False
+            return super().add_page_statistics(logits, batch, layer, block_size)
         rows, views = batch.num_observing, batch.arrays
         self._kernels.add_page_statistics(
             _bits(logits.contiguous()), logits.dtype == torch.bfloat16, views.query_positions,
             views.row_starts, views.held[layer, :rows], views.row_cols, block_size,
             EVEN_SHARE_MARGIN, views.stats[layer, :rows])
-        return True
 
     def attended_blocks(self, batch, keep, held):
         rows, num_cols = held.shape
