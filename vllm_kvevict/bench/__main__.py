@@ -17,14 +17,15 @@ RETRIEVAL_TASKS = ["needle-last", "needle-first", "multi-needle", "var-chain"]
 # name -> (full settings, --quick settings)
 SETTINGS = {
     "passkey": ({"lengths": [1000, 2000, 4000, 7000], "budgets": [256, 512, 1024, 2048],
-                 "policies": ALL_POLICIES, "trials": 20},
+                 "policies": ALL_POLICIES, "trials": 20, "engine_kwargs": {}},
                 {"lengths": [1000], "budgets": [256], "policies":
-                 ["none", "streamingllm", "arkvale"], "trials": 2}),
+                 ["none", "streamingllm", "arkvale"], "trials": 2, "engine_kwargs": {}}),
     # The policy family side by side at the issue's cells (passkey's engine, own file).
     "policies": ({"lengths": [4000, 7000], "budgets": [512, 1024], "policies": ALL_POLICIES,
-                  "trials": 10},
+                  "trials": 10, "engine_kwargs": {}},
                  {"lengths": [600], "budgets": [256],
-                  "policies": ["none", "h2o", "tova", "roco", "snapkv"], "trials": 1}),
+                  "policies": ["none", "h2o", "tova", "roco", "snapkv"], "trials": 1,
+                  "engine_kwargs": {}}),
     # Needles, several needles and variable chains in natural prose (passkey's engine route).
     "retrieval": ({"lengths": [3000, 6000], "budgets": [512, 1024], "policies": ALL_POLICIES,
                    "tasks": RETRIEVAL_TASKS, "trials": 20, "engine_kwargs": {}},
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="docs/bench", help="directory for JSON/markdown/PNG")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set trials=10 --set budgets=256,512 "
-                             "--set engine_kwargs=kv_top_k_tokens:64 (retrieval)")
+                             "--set engine_kwargs=kv_digest:cuboid-max (passkey, policies, "
+                             "retrieval)")
     parser.add_argument("--merge", action="append", default=[], metavar="JSON",
                         help="passkey/policies/retrieval only: run nothing, write one table and "
                              "plot from the cells of these earlier runs' JSON files")

@@ -13,8 +13,9 @@ from vllm_kvevict.paging import cdiv
 
 
 def run(model_path: str, out_dir: str, lengths: list[int], budgets: list[int],
-        policies: list[str], trials: int, seed: int = 0, name: str = "passkey") -> dict:
-    """Writes ``{out_dir}/{name}.{json,md,png}``."""
+        policies: list[str], trials: int, seed: int = 0, name: str = "passkey",
+        engine_kwargs: dict | None = None) -> dict:
+    """Writes ``{out_dir}/{name}.{json,md,png}``; ``engine_kwargs`` go to every engine."""
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
@@ -22,12 +23,13 @@ def run(model_path: str, out_dir: str, lengths: list[int], budgets: list[int],
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     depths = [i / max(1, trials - 1) for i in range(trials)]
+    engine_kwargs = dict(engine_kwargs or {})
     trial_sets = {n: make_trials(tokenizer, n, trials, seed=seed, depths=depths) for n in lengths}
     configs = [(p, None) if p == "none" else (p, b) for p in policies
                for b in ([None] if p == "none" else budgets)]
     cells = []
     for policy, budget in tqdm(configs, desc="passkey engines"):
-        llm = offline_llm(model_path, policy, budget)
+        llm = offline_llm(model_path, policy, budget, **engine_kwargs)
         try:
             for n in tqdm(lengths, desc=label(policy, budget), leave=False):
                 batch = trial_sets[n]
@@ -42,7 +44,8 @@ def run(model_path: str, out_dir: str, lengths: list[int], budgets: list[int],
             close_llm(llm)
     payload = {"environment": environment(model_path),
                "settings": {"lengths": lengths, "budgets": budgets, "policies": policies,
-                            "trials": trials, "seed": seed, "max_tokens": 8, "greedy": True},
+                            "trials": trials, "seed": seed, "max_tokens": 8, "greedy": True,
+                            "engine_kwargs": engine_kwargs},
                "cells": cells}
     write_results(out_dir, name, payload, _table(cells, lengths))
     _plot(cells, lengths, budgets, policies, out_dir, name)
