@@ -24,6 +24,7 @@ DEFAULT_HOST_SPACE_GIB = 4.0
 # ArkVale's top-k rule: min(40 pages of 32, budget / 2) tokens. With anchors (arkvale without
 # sparse attention) top-k takes 3/8 of the budget and anchors the rest (docs/bench retrieval).
 MAX_DEFAULT_TOP_K_TOKENS = 1280
+DEFAULT_TOP_K_SHARE = 1 / 2
 ANCHORED_TOP_K_SHARE = 3 / 8
 DIGEST_KINDS = ("cuboid-mean", "cuboid-max")
 # SnapKV's observation window: the last 32 prompt queries.
@@ -163,7 +164,7 @@ class EvictionConfig:
         """The page-granular view of this config for a cache of ``block_size`` tokens per block."""
         from vllm_kvevict.paging import PageLayout
 
-        share = ANCHORED_TOP_K_SHARE if self.keeps_anchors else 0.5
+        share = ANCHORED_TOP_K_SHARE if self.keeps_anchors else DEFAULT_TOP_K_SHARE
         return PageLayout.from_tokens(block_size, self.budget, self.sink_tokens,
                                       self.recent_window_tokens, self.top_k_tokens, share)
 

@@ -61,20 +61,21 @@ class PageLayout:
     @classmethod
     def from_tokens(cls, block_size: int, budget: int, sink_tokens: int, window_tokens: int,
                     top_k_tokens: int | None = None,
-                    top_k_share: float = 0.5) -> "PageLayout":
+                    top_k_share: float | None = None) -> "PageLayout":
         """Budget rounded down, sinks and window rounded up, to whole pages.
 
-        ``top_k_tokens=None`` picks ``min(1280, budget * top_k_share)`` tokens (ArkVale's rule
-        with the default half), capped to the pages the budget leaves besides sinks and window;
+        ``top_k_tokens=None`` picks ``min(1280, budget * top_k_share)`` tokens (ArkVale's rule;
+        ``top_k_share=None``: its half), capped to the pages the budget leaves besides sinks and window;
         a given value is rounded down.
         """
         budget_pages = budget // block_size
         sink_pages = cdiv(sink_tokens, block_size)
         window_pages = cdiv(window_tokens, block_size)
         if top_k_tokens is None:
-            from vllm_kvevict.config import MAX_DEFAULT_TOP_K_TOKENS
+            from vllm_kvevict.config import DEFAULT_TOP_K_SHARE, MAX_DEFAULT_TOP_K_TOKENS
 
-            top_k_pages = min(MAX_DEFAULT_TOP_K_TOKENS, int(budget * top_k_share)) // block_size
+            share = DEFAULT_TOP_K_SHARE if top_k_share is None else top_k_share
+            top_k_pages = min(MAX_DEFAULT_TOP_K_TOKENS, int(budget * share)) // block_size
             top_k_pages = max(0, min(top_k_pages, budget_pages - sink_pages - window_pages))
         else:
             top_k_pages = top_k_tokens // block_size
