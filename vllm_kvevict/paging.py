@@ -65,8 +65,8 @@ class PageLayout:
         """Budget rounded down, sinks and window rounded up, to whole pages.
 
         ``top_k_tokens=None`` picks ``min(1280, budget * top_k_share)`` tokens (ArkVale's rule;
-        ``top_k_share=None``: its half), capped to the pages the budget leaves besides sinks and window;
-        a given value is rounded down.
+        ``top_k_share=None``: its half), capped to the pages the budget leaves besides sinks and
+        window; a given value is rounded down.
         """
         budget_pages = budget // block_size
         sink_pages = cdiv(sink_tokens, block_size)
