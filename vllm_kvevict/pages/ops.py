@@ -142,7 +142,8 @@ class PageOps:
             added = torch.zeros((rows, NUM_SUMS, num_cols), dtype=mass.dtype,
                                 device=mass.device).index_add_(0, batch.query_rows, added)
             last = mass.index_select(0, batch.last_query)
-            use = torch.zeros((rows, num_cols), dtype=use.dtype, device=use.device).scatter_reduce_(
+            use = torch.zeros((rows, num_cols), dtype=use.dtype,
+                              device=use.device).scatter_reduce_(
                 0, batch.query_rows.unsqueeze(1).expand(-1, num_cols), use, "amax")
         stats = batch.stats[layer, :rows]  # [R, NUM_STATS, P + 1]
         stats[:, :NUM_SUMS].scatter_add_(2, held.unsqueeze(1).expand(-1, NUM_SUMS, -1), added)
