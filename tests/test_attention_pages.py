@@ -1,6 +1,8 @@
 """Evict-only pages ranked by attention statistics (h2o, tova, roco, snapkv, lra, lfa), driven
 like vLLM drives them (the fake scheduler of ``test_pages``: a block's values name the page it
 holds)."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from vllm_kvevict.pages.ops import CompiledCPUPageOps, PageOps
 from vllm_kvevict.pages import CPUBlockFormat
 from vllm_kvevict.paging import PageLayout
 from vllm_kvevict.policies import get_policy
+from vllm_kvevict.policies.tova import TOVA
 
 # 6 pages: 1 sink, 1 window, 4 by statistics.
 LAYOUT = PageLayout(block_size=BS, budget_pages=6, sink_pages=1, window_pages=1, top_k_pages=4)
@@ -86,6 +89,33 @@ def test_nothing_moves_while_the_budget_covers_the_context():
     state = eng.runtime.requests["a"]
     assert state.held[0, :, 0].tolist() == state.positions
     assert eng.runtime.stats.evicted == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TOVAEveryStep(TOVA):
+    latest_query_only = False
+
+
+def test_tova_observing_evicting_steps_only_keeps_what_observing_every_step_keeps():
+    """TOVA ranks by the latest query alone, so observing decode queries only where a row evicts
+    changes nothing (the page each query favours moves every step)."""
+    engines = []
+    for policy in (get_policy("tova"), TOVAEveryStep()):
+        runtime = AttentionStatsRuntime(LAYOUT, policy, CACHES["cpu"].fmt, LAYERS, 4)
+        runtime.bind(None, 1, HEAD_DIM, HEAD_DIM ** -0.5)
+        engines.append(FakeEngine(layout=LAYOUT, runtime=runtime, cache=CACHES["cpu"]))
+    prompts = {"a": 10 * BS, "b": 9 * BS + 1}
+    observed = []
+    for step in range(4 * BS):
+        batch = prompts if step == 0 else {"a": 1, "b": 1}
+        favour = {"a": 1 + step % 7, "b": 2 + step % 5}
+        plans = [eng.step(dict(batch), prompts, favour)[0] for eng in engines]
+        observed.append([sum(obs.num_queries for obs in plan.observed) for plan in plans])
+        for req in prompts:
+            assert torch.equal(*(eng.runtime.requests[req].held for eng in engines))
+    assert all(every >= only for only, every in observed)
+    assert sum(only for only, _ in observed[1:]) < sum(every for _, every in observed[1:]) / 2
+    assert engines[0].runtime.stats.evicted == engines[1].runtime.stats.evicted > 0
 
 
 def test_release_forgets_the_request():
@@ -219,7 +249,7 @@ def test_batched_rows_match_row_by_row(policy, any_cache, ops):
     schedule += [({req: 1 for req in prompts}, {"a": 2 + step % 3, "b": 4, "c": step % 2,
                                                  "d": 7 - step % 4, "e": 6, "f": 1})
                  for step in range(2 * BS + 3)]
-    together = {"single": 0, "windows": 0, "mixed": 0, "evict": 0}
+    together = {"single": 0, "single_pairs": 0, "windows": 0, "mixed": 0, "evict": 0}
     for batch, favour in schedule:
         for eng in engines:
             plan, _ = eng.step(dict(batch), prompts, favour)
@@ -233,12 +263,15 @@ def test_batched_rows_match_row_by_row(policy, any_cache, ops):
         if rows is not None:
             windows = rows.num_observing - rows.num_single
             together["single"] += rows.num_single >= 3
+            together["single_pairs"] += rows.num_single >= 2
             together["windows"] += windows >= 2
             together["mixed"] += windows >= 1 and rows.num_single >= 1
             together["evict"] += rows.num_evicting >= 2
     assert together["windows"] >= 2  # prompt windows padded together
     assert together["evict"] >= 2  # several rows evicting in one step
-    if policy != "snapkv":
+    if policy == "tova":  # decode queries observed in evicting steps only
+        assert together["single_pairs"] >= 2
+    elif policy != "snapkv":
         assert together["single"] >= 2 * BS and together["mixed"] >= 2
     assert engines[0].runtime.stats.evicted == engines[1].runtime.stats.evicted > 0
 

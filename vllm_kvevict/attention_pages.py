@@ -8,7 +8,8 @@ Plain torch; vLLM glue (``vllm_kvevict.engine``) only feeds it the batch and the
   over the keys the kernel attended to are recomputed, reduced to a mass per page and added to the
   request's statistics in that layer (:mod:`vllm_kvevict.algorithms.attention_stats`). Observing
   queries: the last ``observation_window`` prompt queries when a prompt ends; each decode query,
-  when the policy uses decode statistics.
+  when the policy uses decode statistics (only those of evicting steps, when its rule reads the
+  latest query alone).
 * **Evict.** When the scheduler will free blocks after this step (all pages beyond the budget at
   the prompt's end; then the page leaving the recent window), each layer keeps the sinks, the
   window and the best-scored other pages: a kept page whose block is about to be freed is copied
@@ -254,12 +255,14 @@ class AttentionStatsRuntime(RequestRegistry):
             num_pages = cdiv(seq_len, bs)
             if seq_len < row.num_prompt:
                 continue  # mid-prompt chunk: full attention, nothing observed
-            if prefilling:
-                num_queries = min(self.observation_window, row.num_new)
-            else:
-                num_queries = 1 if self.policy.decode_statistics else 0
             after = layout.evicted_pages(seq_len, prefilling=False)
             frees = after.stop > max(evicted.stop, after.start)
+            if prefilling:
+                num_queries = min(self.observation_window, row.num_new)
+            elif self.policy.latest_query_only:
+                num_queries = 1 if frees else 0
+            else:
+                num_queries = 1 if self.policy.decode_statistics else 0
             if not (num_queries or frees):
                 continue
             self._grow(state, num_pages, device)

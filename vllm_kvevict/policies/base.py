@@ -76,6 +76,9 @@ class AttentionStatsPolicy(EvictionPolicy):
     # True: every decode query updates the statistics; False: only the observation window at
     # the prompt's end does (SnapKV).
     decode_statistics: ClassVar[bool] = True
+    # True: the rule reads only the latest query's masses (TOVA), so a decode query is observed
+    # only in the steps its row evicts: the same choices, none of the other steps' work.
+    latest_query_only: ClassVar[bool] = False
 
     def score(self, stats: PageAttentionStats) -> torch.Tensor:
         """``[num_pages]`` scores (higher = keep) of the candidate pages described by ``stats``;

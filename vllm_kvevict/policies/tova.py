@@ -19,6 +19,7 @@ class TOVA(AttentionStatsPolicy):
     """Last query's attention."""
 
     name = "tova"
+    latest_query_only = True
 
     def score(self, stats: PageAttentionStats) -> torch.Tensor:
         return stats.last
