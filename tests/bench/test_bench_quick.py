@@ -32,10 +32,15 @@ def test_all_benchmarks_quick(tmp_path, model_path):
     throughput = json.loads((tmp_path / "throughput.json").read_text())["results"]
     assert [r["policy"] for r in throughput] == ["none", "arkvale"]
     assert all(r["output_tokens"] == 4 * 16 for r in throughput)
-    decode = json.loads((tmp_path / "throughput-decode.json").read_text())["results"]
+    decode_runs = json.loads((tmp_path / "throughput-decode.json").read_text())
+    decode = decode_runs["results"]  # medians of two rounds
     assert [r["policy"] for r in decode] == ["none", "streamingllm", "arkvale"]
     assert all(r["output_tokens"] == 4 * 24 and r["mean_itl_ms"] > 0 and r["decode_tok_s"] > 0
                for r in decode)
+    assert len(decode_runs["rounds"]) == 2
+    low, high = decode[2]["tok_s_vs_streamingllm_range"]
+    assert low <= decode[2]["tok_s_vs_streamingllm"] <= high
+    assert {low, high} == {run[2]["tok_s_vs_streamingllm"] for run in decode_runs["rounds"]}
     policies = json.loads((tmp_path / "policies.json").read_text())["cells"]
     assert [c["policy"] for c in policies] == ["none", "h2o", "tova", "roco", "snapkv"]
     prefix = json.loads((tmp_path / "prefix.json").read_text())

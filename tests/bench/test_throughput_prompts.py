@@ -23,3 +23,27 @@ def test_decode_phase_separates_first_tokens_and_overlapping_intervals():
     phase = decode_phase(replies)
     assert phase["mean_itl_ms"] == 1000 * (0.5 + 2.0) / 2
     assert phase["decode_tok_s"] == (4 + 2) / 5.0  # decoding from 1 s to 6 s
+
+
+def test_rounds_give_medians_and_ratios_taken_within_each_round():
+    from vllm_kvevict.bench.throughput import median_rows, with_ratios
+
+    def row(policy, tok_s):
+        return {"policy": policy, "budget": None if policy == "none" else 512,
+                "total_s": 100.0 / tok_s, "output_tokens": 100, "output_tok_s": tok_s,
+                "most_running": 16 if policy != "none" else 8, "mean_itl_ms": 1000.0 / tok_s,
+                "decode_tok_s": tok_s}
+
+    # The machine slows down over the second round: ratios stay those within each round.
+    rounds = [with_ratios([row("none", 10.0), row("streamingllm", 20.0), row("arkvale", 18.0)]),
+              with_ratios([row("none", 5.0), row("streamingllm", 10.0), row("arkvale", 8.0)]),
+              with_ratios([row("none", 9.0), row("streamingllm", 20.0), row("arkvale", 19.0)])]
+    none, floor, arkvale = median_rows(rounds)
+    assert arkvale["output_tok_s"] == 18.0 and floor["output_tok_s"] == 20.0
+    assert arkvale["tok_s_vs_streamingllm"] == 0.9  # rounds: 0.9, 0.8, 0.95
+    assert arkvale["tok_s_vs_streamingllm_range"] == (0.8, 0.95)
+    assert arkvale["tok_s_ratio"] == 1.8 and arkvale["concurrency_ratio"] == 2.0
+    assert none["tok_s_vs_streamingllm"] == 0.5
+    assert median_rows(rounds[:1]) is rounds[0]  # one round: as it is
+    without_floor = median_rows([with_ratios([row("none", 10.0), row("arkvale", 18.0)])] * 2)
+    assert without_floor[1]["tok_s_vs_streamingllm"] is None

@@ -18,6 +18,7 @@ would measure prefix reuse, not eviction.
 from __future__ import annotations
 
 import re
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -117,7 +118,11 @@ def distinct_prompt(index: int, prompt: str) -> str:
 
 
 def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, max_tokens: int,
-        budget: int, num_blocks: int, policies: list[str], name: str = "throughput") -> dict:
+        budget: int, num_blocks: int, policies: list[str], name: str = "throughput",
+        rounds: int = 1) -> dict:
+    """Serve and load each policy ``rounds`` times, in rounds (each runs every policy once, the
+    order reversed every other round, so that a drift of the machine's speed falls on both
+    sides); results are per-round medians, ratios the median of each round's ratio."""
     from transformers import AutoTokenizer
 
     from vllm_kvevict.eval.passkey import make_trial
@@ -128,38 +133,38 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
                for i in range(num_requests)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for policy in policies:
-        b = None if policy == "none" else budget
-        # The same context limit for all: one request's prompt and output (with a margin).
-        max_model_len = prompt_tokens + max_tokens + 256
-        process, base = _serve(model_path, policy, b, num_blocks, max_model_len,
-                               out / f"{name}-server.log")
-        try:
-            _load(base, prompts[:1], 4)  # warm-up
-            result = _load(base, prompts, max_tokens)
-        finally:
-            stop_server(process)
-        rows.append({"policy": policy, "budget": b, **result})
+    per_round = []
+    for index in range(rounds):
+        results = {}
+        for policy in (policies if index % 2 == 0 else policies[::-1]):
+            b = None if policy == "none" else budget
+            # The same context limit for all: one request's prompt and output (with a margin).
+            max_model_len = prompt_tokens + max_tokens + 256
+            process, base = _serve(model_path, policy, b, num_blocks, max_model_len,
+                                   out / f"{name}-server.log")
+            try:
+                _load(base, prompts[:1], 4)  # warm-up
+                result = _load(base, prompts, max_tokens)
+            finally:
+                stop_server(process)
+            results[policy] = {"policy": policy, "budget": b, **result}
+        per_round.append(with_ratios([results[policy] for policy in policies]))
     (out / f"{name}-server.log").unlink(missing_ok=True)
-    base_row = next(r for r in rows if r["policy"] == "none")
-    for r in rows:
-        r["concurrency_ratio"] = r["most_running"] / max(1, base_row["most_running"])
-        r["tok_s_ratio"] = r["output_tok_s"] / base_row["output_tok_s"]
-        r["time_ratio"] = r["total_s"] / base_row["total_s"]
-        r["decode_tok_s_ratio"] = r["decode_tok_s"] / base_row["decode_tok_s"]
-    floor = next((r for r in rows if r["policy"] == "streamingllm"), None)
-    for r in rows:
-        r["tok_s_vs_streamingllm"] = (r["output_tok_s"] / floor["output_tok_s"]
-                                      if floor else None)
+    rows = median_rows(per_round)
     payload = {"environment": environment(model_path),
                "settings": {"num_requests": num_requests, "prompt_tokens": prompt_tokens,
                             "max_tokens": max_tokens, "budget": budget, "kv_blocks": num_blocks,
                             "block_size": BLOCK_SIZE, "policies": policies,
-                            "prompts": "distinct from the first block"},
-               "results": rows}
-    vs_floor = lambda r: (f"{r['tok_s_vs_streamingllm']:.2f}x"  # noqa: E731
-                          if r["tok_s_vs_streamingllm"] is not None else "-")
+                            "prompts": "distinct from the first block", "rounds": rounds},
+               "results": rows, **({"rounds": per_round} if rounds > 1 else {})}
+
+    def vs_floor(r):
+        if r["tok_s_vs_streamingllm"] is None:
+            return "-"
+        if rounds == 1:
+            return f"{r['tok_s_vs_streamingllm']:.2f}x"
+        low, high = r["tok_s_vs_streamingllm_range"]
+        return f"{r['tok_s_vs_streamingllm']:.2f}x ({low:.2f}-{high:.2f})"
     table = markdown_table(
         ["policy@budget", "most running", "output tok/s", "total s", "concurrency vs none",
          "tok/s vs none", "tok/s vs streamingllm", "time vs none", "decode tok/s",
@@ -174,10 +179,49 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
                   f"blocks of {BLOCK_SIZE} tokens for every policy, prompts distinct from their "
                   f"first block (no prefix reuse); `vllm serve` + OpenAI client. Decode tok/s: "
                   f"tokens after each request's first over the time some request was decoding; "
-                  f"mean ITL: mean time between a request's tokens after its first.\n\n"
+                  f"mean ITL: mean time between a request's tokens after its first."
+                  + (f" Medians over {rounds} rounds (every policy once per round, the order "
+                     f"reversed every other round); ratios: the median of the rounds' ratios, "
+                     f"their range in brackets." if rounds > 1 else "") + "\n\n"
                   + table)
     _plot(rows, out_dir, name)
     return payload
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """One round's rows with their ratios to ``none`` (which must be among them) and to
+    ``streamingllm`` (None without it)."""
+    base_row = next(r for r in rows if r["policy"] == "none")
+    floor = next((r for r in rows if r["policy"] == "streamingllm"), None)
+    for r in rows:
+        r["concurrency_ratio"] = r["most_running"] / max(1, base_row["most_running"])
+        r["tok_s_ratio"] = r["output_tok_s"] / base_row["output_tok_s"]
+        r["time_ratio"] = r["total_s"] / base_row["total_s"]
+        r["decode_tok_s_ratio"] = r["decode_tok_s"] / base_row["decode_tok_s"]
+        r["tok_s_vs_streamingllm"] = (r["output_tok_s"] / floor["output_tok_s"]
+                                      if floor else None)
+    return rows
+
+
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """Per policy, the median over rounds of every figure (ratios: of each round's ratio, so
+    that both sides of a ratio come from the same round), with the range of the ratio to
+    streamingllm. One round: its rows as they are."""
+    if len(rounds) == 1:
+        return rounds[0]
+    rows = []
+    for runs in zip(*rounds):
+        row = {"policy": runs[0]["policy"], "budget": runs[0]["budget"]}
+        for key, value in runs[0].items():
+            if key not in row and value is not None:  # counts: a count that occurred
+                median = statistics.median_low if isinstance(value, int) else statistics.median
+                row[key] = median(run[key] for run in runs)
+        vs_floor = [run["tok_s_vs_streamingllm"] for run in runs]
+        known = None not in vs_floor
+        row["tok_s_vs_streamingllm"] = statistics.median(vs_floor) if known else None
+        row["tok_s_vs_streamingllm_range"] = (min(vs_floor), max(vs_floor)) if known else None
+        rows.append(row)
+    return rows
 
 
 def _plot(rows, out_dir, name) -> None:

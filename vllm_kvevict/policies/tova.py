@@ -2,7 +2,8 @@
 
 Keeps the pages the latest query attends to most: score = the last query's attention mass. TOVA
 itself pins nothing; here the sinks and the recent window (the page being filled at least) stay,
-as the paged mechanism requires.
+as the paged mechanism requires. Pages leave only when a block is freed, and the score reads
+only the query of that step, so decode queries are observed only in the steps their row evicts.
 """
 from __future__ import annotations
 
