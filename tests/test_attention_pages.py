@@ -225,6 +225,68 @@ def any_cache(request):
     return ALL_CACHES[request.param]
 
 
+def mixed_schedule(decode_steps: int = 2 * BS + 3):
+    """Six requests whose prompts end in three steps (windows of 4 queries for a, b, d, e, 2 for
+    c's last chunk and 1 for f's), then decode steps with each favouring its own pages: the
+    prompts, and the steps (tokens to compute and favoured page per request)."""
+    prompts = {"a": 10 * BS, "b": 7 * BS + 2, "c": 3 * BS + 1, "d": 12 * BS + 3, "e": 9 * BS,
+               "f": 8 * BS + 1}
+    schedule = [({"a": 10 * BS, "b": 7 * BS + 2, "c": 3 * BS - 1, "f": 8 * BS},
+                 {"a": 2, "b": 5}),
+                ({"a": 1, "b": 1, "c": 2, "e": 9 * BS, "f": 1}, {"a": 3, "c": 1, "f": 6}),
+                ({"a": 1, "b": 1, "c": 1, "d": 12 * BS + 3, "e": 1, "f": 1}, {"d": 7, "e": 4})]
+    schedule += [({req: 1 for req in prompts}, {"a": 2 + step % 3, "b": 4, "c": step % 2,
+                                                 "d": 7 - step % 4, "e": 6, "f": 1})
+                 for step in range(decode_steps)]
+    return prompts, schedule
+
+
+@pytest.mark.parametrize("ops", ["torch", "compiled"])
+@pytest.mark.parametrize("policy", ["h2o", "roco", "lra", "lfa"])
+def test_held_back_decode_queries_give_the_statistics_of_observing_every_step(policy, ops):
+    """Decode queries held back and observed together when their row evicts or holds a block's
+    worth (here mixed with prompt windows and one-query rows in the same pass) give the
+    statistics of observing each in its own step, so the same pages are kept, in a fraction of
+    the passes."""
+    cache = CACHES["cpu"]
+    engines = []
+    for pending_queries in (None, 1):  # the default (a block's worth), then every step
+        runtime = AttentionStatsRuntime(
+            LAYOUT, get_policy(policy), cache.fmt, LAYERS, 4, pending_queries=pending_queries,
+            ops=PageOps() if ops == "torch" else CompiledCPUPageOps())
+        runtime.bind(None, 1, HEAD_DIM, HEAD_DIM ** -0.5)
+        engines.append(FakeEngine(layout=LAYOUT, runtime=runtime, cache=cache))
+    assert engines[0].runtime.pending_queries == BS
+    prompts, schedule = mixed_schedule(decode_steps=3 * BS)
+    passes = [0, 0]
+    seen = {"mixed": 0, "held_back_rows": 0, "full_without_evicting": 0}
+    for batch, favour in schedule:
+        plans = [eng.step(dict(batch), prompts, favour)[0] for eng in engines]
+        held_back, every_step = (eng.runtime.requests for eng in engines)
+        for req in batch:
+            assert torch.equal(held_back[req].held, every_step[req].held)
+        for i, plan in enumerate(plans):
+            passes[i] += sum(obs.num_queries > 0 for obs in plan.observed)
+        for obs in plans[0].observed:
+            if obs.num_queries:  # caught up: the statistics of every query so far
+                req = next(r for r, state in held_back.items() if state is obs.state)
+                pages = -(-obs.num_tokens // BS)  # capacities grow at different steps
+                torch.testing.assert_close(obs.state.attention[..., :pages],
+                                           every_step[req].attention[..., :pages])
+            if obs.pending_slot is not None:
+                seen["full_without_evicting"] += (obs.survivors is None
+                                                  and obs.num_queries == BS)
+        rows = plans[0].batch
+        if rows is not None:
+            windows = rows.num_observing - rows.num_single - rows.num_prompt_windows
+            seen["held_back_rows"] += windows
+            seen["mixed"] += windows >= 1 and rows.num_prompt_windows >= 1
+    assert seen["mixed"] >= 1 and seen["held_back_rows"] >= 6
+    assert seen["full_without_evicting"] >= 1  # c: within the budget, observed a block at a time
+    assert passes[0] * (BS - 1) < passes[1]  # about one pass per row and block of steps
+    assert engines[0].runtime.stats.evicted == engines[1].runtime.stats.evicted > 0
+
+
 @pytest.mark.parametrize("ops", ["torch", "compiled"])
 @pytest.mark.parametrize("policy", ["h2o", "tova", "roco", "snapkv", "lra", "lfa"])
 def test_batched_rows_match_row_by_row(policy, any_cache, ops):
@@ -235,20 +297,13 @@ def test_batched_rows_match_row_by_row(policy, any_cache, ops):
     batched_ops = PageOps() if ops == "torch" else CompiledCPUPageOps()
     engines = []
     for runtime_cls in (AttentionStatsRuntime, RowByRowRuntime):
+        # Each decode query observed in its own step (held-back queries: tested below).
         runtime = runtime_cls(LAYOUT, get_policy(policy), any_cache.fmt, LAYERS, 4,
-                              ops=batched_ops if runtime_cls is AttentionStatsRuntime else None)
+                              ops=batched_ops if runtime_cls is AttentionStatsRuntime else None,
+                              pending_queries=1)
         runtime.bind(None, 1, HEAD_DIM, HEAD_DIM ** -0.5)
         engines.append(FakeEngine(layout=LAYOUT, runtime=runtime, cache=any_cache))
-    prompts = {"a": 10 * BS, "b": 7 * BS + 2, "c": 3 * BS + 1, "d": 12 * BS + 3, "e": 9 * BS,
-               "f": 8 * BS + 1}
-    # Windows of 4 queries (a, b, d, e), 2 (c's last chunk) and 1 (f's last chunk).
-    schedule = [({"a": 10 * BS, "b": 7 * BS + 2, "c": 3 * BS - 1, "f": 8 * BS},
-                 {"a": 2, "b": 5}),
-                ({"a": 1, "b": 1, "c": 2, "e": 9 * BS, "f": 1}, {"a": 3, "c": 1, "f": 6}),
-                ({"a": 1, "b": 1, "c": 1, "d": 12 * BS + 3, "e": 1, "f": 1}, {"d": 7, "e": 4})]
-    schedule += [({req: 1 for req in prompts}, {"a": 2 + step % 3, "b": 4, "c": step % 2,
-                                                 "d": 7 - step % 4, "e": 6, "f": 1})
-                 for step in range(2 * BS + 3)]
+    prompts, schedule = mixed_schedule()
     together = {"single": 0, "single_pairs": 0, "windows": 0, "mixed": 0, "evict": 0}
     for batch, favour in schedule:
         for eng in engines:

@@ -9,7 +9,10 @@ Plain torch; vLLM glue (``vllm_kvevict.engine``) only feeds it the batch and the
   request's statistics in that layer (:mod:`vllm_kvevict.algorithms.attention_stats`). Observing
   queries: the last ``observation_window`` prompt queries when a prompt ends; each decode query,
   when the policy uses decode statistics (only those of evicting steps, when its rule reads the
-  latest query alone).
+  latest query alone). A row's decode queries are held back and observed together when it
+  evicts (or holds a block's worth): nothing moved since its last eviction, so each held-back
+  query, masked by position, sees the keys it attended to, and one pass over a row's keys serves
+  up to a block of steps.
 * **Evict.** When the scheduler will free blocks after this step (all pages beyond the budget at
   the prompt's end; then the page leaving the recent window), each layer keeps the sinks, the
   window and the best-scored other pages: a kept page whose block is about to be freed is copied
@@ -61,6 +64,7 @@ class ObservedRow:
     num_full_cols: int  # owned columns holding full pages (the page being filled excluded)
     blocks: list[int]  # block id per owned column
     survivors: list[int] | None  # full columns that stay owned; None: nothing is freed
+    pending_slot: int | None = None  # queries held back in this slot (else: in the step's batch)
 
 
 class StatsBatch:
@@ -78,7 +82,9 @@ class StatsBatch:
     * ``stats`` ``[layers, R, NUM_STATS, P + 1]``: the rows' statistics (column ``P`` absorbs
       the padding), updated by the layers.
     * Observing queries: ``single_query`` ``[R_1]`` (the query of each one-query row) and
-      ``window_query`` ``[R_w, Q]`` (each window row's queries, padded with its last one);
+      ``window_query`` ``[R_w, Q]`` (each window row's queries, padded with its last one:
+      the first ``num_prompt_windows`` rows' index the step's queries, the others' the runtime's
+      held-back queries, ``[slots * pending_queries]`` flattened);
       ``single_cols``/``window_cols`` the columns each group reads. All their real queries in
       one list (one-query rows', then each window's in order; ``window_rows``/``window_slots``
       pick them from ``window_query``): ``query_rows`` (their row), ``query_positions``, and
@@ -93,9 +99,12 @@ class StatsBatch:
     """
 
     def __init__(self, observed: list[ObservedRow], layout: PageLayout, num_layers: int,
-                 device) -> None:
+                 device, pending_queries: int = 0) -> None:
         single = [obs for obs in observed if obs.num_queries == 1]
-        window = [obs for obs in observed if obs.num_queries > 1]
+        window = ([obs for obs in observed if obs.num_queries > 1 and obs.pending_slot is None]
+                  + [obs for obs in observed if obs.num_queries > 1
+                     and obs.pending_slot is not None])
+        self.num_prompt_windows = sum(obs.pending_slot is None for obs in window)
         order = single + window + [obs for obs in observed if obs.num_queries == 0]
         self.rows = order
         self.num_single, self.num_observing = len(single), len(single) + len(window)
@@ -122,7 +131,9 @@ class StatsBatch:
             n = obs.num_queries
             if n > 1:  # a window row: its queries, then its last one again
                 j = i - len(single)
-                window_query[j] = obs.first_query + torch.arange(width).clamp(max=n - 1)
+                first = (obs.first_query if obs.pending_slot is None
+                         else obs.pending_slot * pending_queries)
+                window_query[j] = first + torch.arange(width).clamp(max=n - 1)
                 window_rows += [j] * n
                 window_slots += range(n)
             query_rows += [i] * n
@@ -196,10 +207,14 @@ class StatsStepPlan:
     observed: list[ObservedRow]
     batch: StatsBatch | None = None  # the observed rows as tensors (None: no row)
     sparse_seq_lens: dict[int, int] = dataclasses.field(default_factory=dict)  # always empty
+    # Decode queries held back in this step: their index in the batch, their place in the
+    # runtime's store (slot * pending_queries + order), and the slots the store must have.
+    held_back: dict[str, torch.Tensor] | None = None
+    pending_slots: int = 0
 
     @property
     def empty(self) -> bool:
-        return not self.observed
+        return not self.observed and self.held_back is None
 
 
 class AttentionStatsRuntime(RequestRegistry):
@@ -209,12 +224,22 @@ class AttentionStatsRuntime(RequestRegistry):
     sparse_attention = False
 
     def __init__(self, layout: PageLayout, policy, block_format: BlockFormat, num_layers: int,
-                 observation_window: int, ops: PageOps | None = None):
+                 observation_window: int, ops: PageOps | None = None,
+                 pending_queries: int | None = None):
         self.layout = layout
         self.policy = policy
         self.format = block_format
         self.num_layers = num_layers
         self.observation_window = observation_window
+        # Decode queries of a row held back and observed together, when the row evicts or holds
+        # this many (1: each in its own step). Nothing moves between a row's evictions, so a
+        # held-back query sees the keys it attended to, masked by position: the same masses.
+        if pending_queries is None:
+            pending_queries = layout.block_size if policy.decode_statistics else 1
+        self.pending_queries = 1 if policy.latest_query_only else max(1, pending_queries)
+        self.pending: torch.Tensor | None = None  # [layers, slots, pending_queries, heads, dim]
+        self._free_slots: list[int] = []
+        self._num_slots = 0
         self.store = HostPageStore(0, num_layers)  # never bound: no host copies, no digests
         self.scale: float | None = None
         self.requests: dict[str, RequestPages] = {}
@@ -235,6 +260,20 @@ class AttentionStatsRuntime(RequestRegistry):
         self.scale = scale
         self._keys = None  # the format may have changed with the cache
 
+    def release(self, req_id: str) -> None:
+        state = self.requests.get(req_id)
+        if state is not None and state.pending_slot >= 0:
+            self._free_slots.append(state.pending_slot)
+        super().release(req_id)
+
+    def _slot_for(self, state: RequestPages) -> int:
+        if state.pending_slot < 0:
+            if self._free_slots:
+                state.pending_slot = self._free_slots.pop()
+            else:
+                state.pending_slot, self._num_slots = self._num_slots, self._num_slots + 1
+        return state.pending_slot
+
     # --- per step ------------------------------------------------------------------------------
 
     def plan_step(self, rows: Sequence[RowInput], device) -> StatsStepPlan:
@@ -245,7 +284,7 @@ class AttentionStatsRuntime(RequestRegistry):
         layout, bs = self.layout, self.layout.block_size
         if self.ops is None:
             self.ops = page_ops_for(device)
-        observed = []
+        observed, held_back = [], []
         for i, row in enumerate(rows):
             state = self._state_for(row)
             seq_len = row.num_computed + row.num_new
@@ -257,12 +296,24 @@ class AttentionStatsRuntime(RequestRegistry):
                 continue  # mid-prompt chunk: full attention, nothing observed
             after = layout.evicted_pages(seq_len, prefilling=False)
             frees = after.stop > max(evicted.stop, after.start)
+            last_query = row.first_token + row.num_new - 1
+            pending_slot = None
             if prefilling:
                 num_queries = min(self.observation_window, row.num_new)
             elif self.policy.latest_query_only:
                 num_queries = 1 if frees else 0
-            else:
-                num_queries = 1 if self.policy.decode_statistics else 0
+            elif not self.policy.decode_statistics:
+                num_queries = 0
+            elif self.pending_queries == 1:
+                num_queries = 1
+            else:  # held back until the row evicts or holds pending_queries of them
+                slot = self._slot_for(state)
+                held_back.append((last_query, slot * self.pending_queries + state.num_pending))
+                state.num_pending += 1
+                num_queries = 0
+                if frees or state.num_pending == self.pending_queries:
+                    num_queries, state.num_pending = state.num_pending, 0
+                    pending_slot = slot if num_queries > 1 else None
             if not (num_queries or frees):
                 continue
             self._grow(state, num_pages, device)
@@ -272,11 +323,19 @@ class AttentionStatsRuntime(RequestRegistry):
                 self.stats.selections += 1
                 survivors = [c for c, p in enumerate(positions[:num_full_cols]) if p not in after]
             observed.append(ObservedRow(
-                row=i, state=state, first_query=row.first_token + row.num_new - num_queries,
+                row=i, state=state, first_query=last_query + 1 - num_queries,
                 num_queries=num_queries, num_tokens=seq_len, num_full=seq_len // bs,
-                num_full_cols=num_full_cols, blocks=blocks, survivors=survivors))
-        batch = StatsBatch(observed, layout, self.num_layers, device) if observed else None
-        return StatsStepPlan(observed, batch)
+                num_full_cols=num_full_cols, blocks=blocks, survivors=survivors,
+                pending_slot=pending_slot))
+        batch = (StatsBatch(observed, layout, self.num_layers, device, self.pending_queries)
+                 if observed else None)
+        plan = StatsStepPlan(observed, batch)
+        if held_back:
+            query, place = zip(*held_back)
+            plan.held_back = to_device({"query": torch.tensor(query, dtype=torch.int64),
+                                        "place": torch.tensor(place, dtype=torch.int64)}, device)
+            plan.pending_slots = self._num_slots
+        return plan
 
     def _grow(self, state: RequestPages, num_pages: int, device) -> None:
         have = 0 if state.attention is None else state.attention.shape[2]
@@ -298,6 +357,8 @@ class AttentionStatsRuntime(RequestRegistry):
                         plan: StatsStepPlan) -> None:
         """Observe this step's queries, then evict where the scheduler will free blocks: each for
         all rows at once, with no host sync."""
+        if plan.held_back is not None:
+            self._hold_back(layer, query, plan)
         batch = plan.batch
         if batch is None:
             return
@@ -307,6 +368,23 @@ class AttentionStatsRuntime(RequestRegistry):
             self._evict(layer, kv_cache, batch)
         if layer == self.num_layers - 1:
             batch.commit()
+
+    def _hold_back(self, layer: int, query: torch.Tensor, plan: StatsStepPlan) -> None:
+        """Store this layer's held-back decode queries (the store grows, on the host's word, to
+        the slots the plan counts)."""
+        pending = self.pending
+        if (pending is None or pending.shape[1] < plan.pending_slots
+                or pending.shape[3:] != query.shape[1:] or pending.dtype != query.dtype):
+            have = 0 if pending is None else pending.shape[1]
+            grown = torch.empty((self.num_layers, max(plan.pending_slots, 2 * have, 8),
+                                 self.pending_queries, *query.shape[1:]),
+                                dtype=query.dtype, device=query.device)
+            if pending is not None and pending.shape[3:] == query.shape[1:]:
+                grown[:, :pending.shape[1]] = pending
+            self.pending = pending = grown
+        held_back = plan.held_back
+        pending[layer].flatten(0, 1).index_copy_(0, held_back["place"],
+                                                 query.index_select(0, held_back["query"]))
 
     def _observe(self, layer: int, query: torch.Tensor, kv_cache: torch.Tensor,
                  batch: StatsBatch) -> None:
@@ -323,7 +401,13 @@ class AttentionStatsRuntime(RequestRegistry):
             logits.append(self._keys.logits(kv_cache, blocks, queries, self.scale)[:, 0])
         if rows > single:
             blocks = batch.blocks[single:rows, :batch.window_cols]
-            window = self._keys.logits(kv_cache, blocks, query[batch.window_query], self.scale)
+            prompts = batch.num_prompt_windows
+            queries = [query[batch.window_query[:prompts]]]
+            if single + prompts < rows:  # held-back decode queries
+                pending = self.pending[layer].flatten(0, 1)
+                queries.append(pending[batch.window_query[prompts:]])
+            queries = torch.cat(queries) if prompts else queries[1]
+            window = self._keys.logits(kv_cache, blocks, queries, self.scale)
             logits.append(window[batch.window_rows, batch.window_slots])  # the real queries
         num_cols = max(batch.single_cols, batch.window_cols)
         if len(logits) > 1:  # padding keys: their positions lie past every query

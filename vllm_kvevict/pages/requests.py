@@ -41,6 +41,10 @@ class RequestPages:
     # (-1: none).
     anchors: torch.Tensor | None = None
     heads: int = 1  # page placements per block: 1, or one per KV head
+    # Attention-statistics policies: decode queries held back (not yet observed) in slot
+    # ``pending_slot`` of the runtime's store (-1: none assigned).
+    pending_slot: int = -1
+    num_pending: int = 0
 
     def own(self, positions: list[int], block_ids: list[int], num_layers: int) -> int:
         """Owned blocks become ``positions``/``block_ids``; returns page copies dropped.
