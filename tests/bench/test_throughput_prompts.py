@@ -47,3 +47,15 @@ def test_rounds_give_medians_and_ratios_taken_within_each_round():
     assert median_rows(rounds[:1]) is rounds[0]  # one round: as it is
     without_floor = median_rows([with_ratios([row("none", 10.0), row("arkvale", 18.0)])] * 2)
     assert without_floor[1]["tok_s_vs_streamingllm"] is None
+
+
+def test_policies_without_none_are_refused_before_anything_runs(tmp_path):
+    import pytest
+
+    from vllm_kvevict.bench import throughput
+    from vllm_kvevict.bench.common import SettingError
+
+    with pytest.raises(SettingError, match="include none"):
+        throughput.run(str(tmp_path / "no-model"), str(tmp_path), 2, 100, 8, 64, 32,
+                       ["streamingllm", "h2o"])
+    assert list(tmp_path.iterdir()) == []

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {args.command}: merged {len(args.merge)} runs -> "
               f"{args.out}/{args.command}.md", file=sys.stderr)
         return 0
-    from vllm_kvevict.bench.common import bundled_model
+    from vllm_kvevict.bench.common import SettingError, bundled_model
 
     names = ([n for n in SETTINGS if n not in NOT_IN_ALL] if args.command == "all"
              else [args.command])
@@ -145,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"{name} has no setting {key!r}; it has: {', '.join(settings)}")
         start = time.perf_counter()
         print(f"[bench] {name}: {settings}", file=sys.stderr, flush=True)
-        _runner(name)(model, args.out, **settings)
+        try:
+            _runner(name)(model, args.out, **settings)
+        except SettingError as e:
+            parser.error(f"{name}: {e}")
         print(f"[bench] {name} done in {time.perf_counter() - start:.0f} s -> {args.out}/{name}.md",
               file=sys.stderr, flush=True)
     return 0

@@ -12,6 +12,10 @@ from typing import Any
 BLOCK_SIZE = 32
 
 
+class SettingError(ValueError):
+    """A benchmark's settings cannot be run (``bench`` reports it in one line, before any run)."""
+
+
 def environment(model_path: str) -> dict[str, Any]:
     """Machine, software and model, stated in every result file."""
     import torch

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vllm_kvevict.bench.common import (BLOCK_SIZE, annotate_percent, close_llm, environment,
-                                       label, markdown_table, offline_llm, write_results)
+from vllm_kvevict.bench.common import (BLOCK_SIZE, SettingError, annotate_percent, close_llm,
+                                       environment, label, markdown_table, offline_llm,
+                                       write_results)
 from vllm_kvevict.bench.passkey import _runs
 
 
@@ -28,7 +29,8 @@ def run(model_path: str, out_dir: str, lengths: list[int], budgets: list[int],
 
     unknown = [t for t in tasks if t not in retrieval.TASKS]
     if unknown:
-        raise ValueError(f"unknown retrieval tasks {unknown}; known: {', '.join(retrieval.TASKS)}")
+        raise SettingError(f"unknown retrieval tasks {unknown}; known: "
+                           f"{', '.join(retrieval.TASKS)}")
     engine_kwargs = dict(engine_kwargs or {})
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     batches = {n: [t for task in tasks for t in retrieval.make_trials(tokenizer, task, n, trials,

@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vllm_kvevict.bench.common import (BLOCK_SIZE, environment, label, markdown_table,
+from vllm_kvevict.bench.common import (BLOCK_SIZE, SettingError, environment, label, markdown_table,
                                        start_server, stop_server, write_results)
 from vllm_kvevict.bench.soak_probes import (PREEMPTIONS, compare_with_none, metric, percentile,
                                             plugin_state, process_tree_rss, rss_growth_per_1000,
@@ -147,7 +147,7 @@ def run(model_path: str, out_dir: str, num_requests: int, concurrency: int, max_
     from transformers import AutoTokenizer
 
     if "none" not in policies:
-        raise ValueError("the soak compares every policy with none: include it")
+        raise SettingError("the soak compares every policy with none: include it")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     specs = make_mix(num_requests, max_model_len, seed)
     prompts = [prompt_text(tokenizer, spec, max_model_len) for spec in specs]

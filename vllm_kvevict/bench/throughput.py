@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vllm_kvevict.bench.common import (BLOCK_SIZE, environment, label, markdown_table,
+from vllm_kvevict.bench.common import (BLOCK_SIZE, SettingError, environment, label, markdown_table,
                                        start_server, stop_server, write_results)
 
 RUNNING = re.compile(r'^vllm:num_requests_running\{[^}]*\}\s+([0-9.e+]+)', re.M)
@@ -127,6 +127,8 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
 
     from vllm_kvevict.eval.passkey import make_trial
 
+    if "none" not in policies:
+        raise SettingError("policies must include none: every ratio is taken to it")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = [distinct_prompt(i, make_trial(tokenizer, prompt_tokens, (i + 0.5) / num_requests,
                                              str(10000 + 7919 * i)).prompt)
