@@ -291,13 +291,53 @@ def _exp_shifted(values, top, bits, count):
         p = p * r + np.float32(5.0000001201e-1)
         values[j] = p * r * r + r + np.float32(1.0)
         low = np.int32(n) >> np.int32(1)
-        bits[2 * j] = (low + np.int32(127)) << np.int32(23)
-        bits[2 * j + 1] = (np.int32(n) - low + np.int32(127)) << np.int32(23)
+        bits[j] = (low + np.int32(127)) << np.int32(23)  # the factors in two runs: vectorises
+        bits[count + j] = (np.int32(n) - low + np.int32(127)) << np.int32(23)
     for j in range(count):
-        values[j] = values[j] * scale[2 * j] * scale[2 * j + 1]
+        values[j] = values[j] * scale[j] * scale[count + j]
 
 
-# No reassociation: equal logits give equal masses, wherever they lie (ties rank by page).
+@numba.njit(cache=True, nogil=True, inline="always")
+def _seen_max(values, seen, cols, block_size):
+    """The largest of the first ``seen[c]`` values of each column (exact in any order: taken
+    in four interleaved runs, which vectorise)."""
+    a = b = c = d = top = np.float32(-np.inf)
+    for col in range(cols):
+        base, n = col * block_size, seen[col]
+        whole = n - n % 4
+        for t in range(base, base + whole, 4):
+            a = max(a, values[t])
+            b = max(b, values[t + 1])
+            c = max(c, values[t + 2])
+            d = max(d, values[t + 3])
+        for t in range(base + whole, base + n):
+            top = max(top, values[t])
+    return max(max(max(a, b), max(c, d)), top)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _page_sum(values, base, n):
+    """The sum of ``values[base:base + n]`` in eight interleaved runs (which vectorise), added
+    in a fixed order: the same values give the same sum at any ``base``."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+    whole = n - n % 8
+    for t in range(base, base + whole, 8):
+        s0 += values[t]
+        s1 += values[t + 1]
+        s2 += values[t + 2]
+        s3 += values[t + 3]
+        s4 += values[t + 4]
+        s5 += values[t + 5]
+        s6 += values[t + 6]
+        s7 += values[t + 7]
+    total = ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7))
+    for t in range(base + whole, base + n):
+        total += values[t]
+    return total
+
+
+# No compiler reassociation (sums run in the order _page_sum writes out): equal logits give equal
+# masses, wherever they lie (ties rank by page).
 @numba.njit(cache=True, nogil=True)
 def add_page_statistics(logits, bfloat16, query_positions, row_starts, held, row_cols,
                         block_size, margin, stats):
@@ -339,16 +379,11 @@ def add_page_statistics(logits, bfloat16, query_positions, row_starts, held, row
                     row = logits[q, h, g]
                     for j in range(cols * block_size):
                         bits[j] = _float32_bits(row[j], bfloat16)
-                    top = -np.inf
-                    for c in range(cols):
-                        for t in range(seen[c]):
-                            top = max(top, values[c * block_size + t])
+                    top = _seen_max(values, seen, cols, block_size)
                     _exp_shifted(values, top, exp_bits, cols * block_size)
                     total = np.float32(0.0)
                     for c in range(cols):
-                        page = np.float32(0.0)
-                        for t in range(seen[c]):
-                            page += values[c * block_size + t]
+                        page = _page_sum(values, c * block_size, seen[c])
                         sums[c] = page
                         total += page
                     scale = share / total
