@@ -256,7 +256,6 @@ def test_held_back_decode_queries_give_the_statistics_of_observing_every_step(po
             ops=PageOps() if ops == "torch" else CompiledCPUPageOps())
         runtime.bind(None, 1, HEAD_DIM, HEAD_DIM ** -0.5)
         engines.append(FakeEngine(layout=LAYOUT, runtime=runtime, cache=cache))
-    assert engines[0].runtime.pending_queries == BS
     prompts, schedule = mixed_schedule(decode_steps=3 * BS)
     passes = [0, 0]
     seen = {"mixed": 0, "held_back_rows": 0, "full_without_evicting": 0}
@@ -281,10 +280,20 @@ def test_held_back_decode_queries_give_the_statistics_of_observing_every_step(po
             windows = rows.num_observing - rows.num_single - rows.num_prompt_windows
             seen["held_back_rows"] += windows
             seen["mixed"] += windows >= 1 and rows.num_prompt_windows >= 1
+    assert engines[0].runtime.pending_queries == BS  # chosen at the first plan, on CPU
     assert seen["mixed"] >= 1 and seen["held_back_rows"] >= 6
     assert seen["full_without_evicting"] >= 1  # c: within the budget, observed a block at a time
     assert passes[0] * (BS - 1) < passes[1]  # about one pass per row and block of steps
     assert engines[0].runtime.stats.evicted == engines[1].runtime.stats.evicted > 0
+
+
+def test_queries_are_held_back_on_cpu_only_and_for_policies_that_add_them_up():
+    from vllm_kvevict.attention_pages import default_pending_queries
+
+    for policy, expected in {"h2o": BS, "roco": BS, "lra": BS, "lfa": BS, "tova": 1,
+                             "snapkv": 1}.items():
+        assert default_pending_queries(get_policy(policy), LAYOUT, "cpu") == expected
+        assert default_pending_queries(get_policy(policy), LAYOUT, "cuda") == 1
 
 
 def test_steps_that_only_hold_queries_back_still_store_them():

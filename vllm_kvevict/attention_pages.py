@@ -9,8 +9,8 @@ Plain torch; vLLM glue (``vllm_kvevict.engine``) only feeds it the batch and the
   request's statistics in that layer (:mod:`vllm_kvevict.algorithms.attention_stats`). Observing
   queries: the last ``observation_window`` prompt queries when a prompt ends; each decode query,
   when the policy uses decode statistics (only those of evicting steps, when its rule reads the
-  latest query alone). A row's decode queries are held back and observed together when it
-  evicts (or holds a block's worth): nothing moved since its last eviction, so each held-back
+  latest query alone). On CPU a row's decode queries are held back and observed together when
+  it evicts (or holds a block's worth): nothing moved since its last eviction, so each held-back
   query, masked by position, sees the keys it attended to, and one pass over a row's keys serves
   up to a block of steps.
 * **Evict.** When the scheduler will free blocks after this step (all pages beyond the budget at
@@ -200,6 +200,17 @@ class StatsBatch:
                     obs.state.held[..., 0].copy_(held[:, i, :obs.state.held.shape[1]])
 
 
+def default_pending_queries(policy, layout: PageLayout, device) -> int:
+    """Decode queries a row holds back: on CPU a block's worth (a row evicts at most once per
+    block of steps; one gather of its keys out of the CPU kernels' tiled layout then serves them
+    all); elsewhere 1, each observed in its own step (keys read through a strided view, and no
+    store of queries beside the KV cache, whose size vLLM's memory profiling does not count)."""
+    if (torch.device(device).type != "cpu" or not policy.decode_statistics
+            or policy.latest_query_only):
+        return 1
+    return layout.block_size
+
+
 @dataclasses.dataclass
 class StatsStepPlan:
     """What every layer does in one step (built once per step, read by every layer)."""
@@ -232,11 +243,10 @@ class AttentionStatsRuntime(RequestRegistry):
         self.num_layers = num_layers
         self.observation_window = observation_window
         # Decode queries of a row held back and observed together, when the row evicts or holds
-        # this many (1: each in its own step). Nothing moves between a row's evictions, so a
-        # held-back query sees the keys it attended to, masked by position: the same masses.
-        if pending_queries is None:
-            pending_queries = layout.block_size if policy.decode_statistics else 1
-        self.pending_queries = 1 if policy.latest_query_only else max(1, pending_queries)
+        # this many (1: each in its own step; None: chosen by the device at the first plan).
+        # Nothing moves between a row's evictions, so a held-back query sees the keys it
+        # attended to, masked by position: the same masses.
+        self.pending_queries = pending_queries
         self.pending: torch.Tensor | None = None  # [layers, slots, pending_queries, heads, dim]
         self._free_slots: list[int] = []
         self._num_slots = 0
@@ -284,6 +294,8 @@ class AttentionStatsRuntime(RequestRegistry):
         layout, bs = self.layout, self.layout.block_size
         if self.ops is None:
             self.ops = page_ops_for(device)
+        if self.pending_queries is None:
+            self.pending_queries = default_pending_queries(self.policy, layout, device)
         observed, held_back = [], []
         for i, row in enumerate(rows):
             state = self._state_for(row)
