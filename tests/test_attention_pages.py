@@ -241,6 +241,20 @@ def mixed_schedule(decode_steps: int = 2 * BS + 3):
     return prompts, schedule
 
 
+def held_back_and_every_step(policy: str, ops: str) -> list[FakeEngine]:
+    """Two engines on the CPU cache: queries held back by default (a block's worth), and each
+    observed in its own step."""
+    engines = []
+    for pending_queries in (None, 1):
+        runtime = AttentionStatsRuntime(
+            LAYOUT, get_policy(policy), CACHES["cpu"].fmt, LAYERS, 4,
+            pending_queries=pending_queries,
+            ops=PageOps() if ops == "torch" else CompiledCPUPageOps())
+        runtime.bind(None, 1, HEAD_DIM, HEAD_DIM ** -0.5)
+        engines.append(FakeEngine(layout=LAYOUT, runtime=runtime, cache=CACHES["cpu"]))
+    return engines
+
+
 @pytest.mark.parametrize("ops", ["torch", "compiled"])
 @pytest.mark.parametrize("policy", ["h2o", "roco", "lra", "lfa"])
 def test_held_back_decode_queries_give_the_statistics_of_observing_every_step(policy, ops):
@@ -248,14 +262,7 @@ def test_held_back_decode_queries_give_the_statistics_of_observing_every_step(po
     worth (here mixed with prompt windows and one-query rows in the same pass) give the
     statistics of observing each in its own step, so the same pages are kept, in a fraction of
     the passes."""
-    cache = CACHES["cpu"]
-    engines = []
-    for pending_queries in (None, 1):  # the default (a block's worth), then every step
-        runtime = AttentionStatsRuntime(
-            LAYOUT, get_policy(policy), cache.fmt, LAYERS, 4, pending_queries=pending_queries,
-            ops=PageOps() if ops == "torch" else CompiledCPUPageOps())
-        runtime.bind(None, 1, HEAD_DIM, HEAD_DIM ** -0.5)
-        engines.append(FakeEngine(layout=LAYOUT, runtime=runtime, cache=cache))
+    engines = held_back_and_every_step(policy, ops)
     prompts, schedule = mixed_schedule(decode_steps=3 * BS)
     passes = [0, 0]
     seen = {"mixed": 0, "held_back_rows": 0, "full_without_evicting": 0}
@@ -299,12 +306,7 @@ def test_queries_are_held_back_on_cpu_only_and_for_policies_that_add_them_up():
 def test_steps_that_only_hold_queries_back_still_store_them():
     """A step whose only page work is holding decode queries back still runs in every layer
     (the plan is not empty), so the queries observed later are the ones the steps computed."""
-    engines = []
-    for pending_queries in (None, 1):
-        runtime = AttentionStatsRuntime(LAYOUT, get_policy("h2o"), CACHES["cpu"].fmt, LAYERS, 4,
-                                        pending_queries=pending_queries)
-        runtime.bind(None, 1, HEAD_DIM, HEAD_DIM ** -0.5)
-        engines.append(FakeEngine(layout=LAYOUT, runtime=runtime, cache=CACHES["cpu"]))
+    engines = held_back_and_every_step("h2o", "compiled")
     prompt = 10 * BS
     holding_only = 0
     for step in range(3 * BS + 1):

@@ -218,10 +218,9 @@ class StatsStepPlan:
     observed: list[ObservedRow]
     batch: StatsBatch | None = None  # the observed rows as tensors (None: no row)
     sparse_seq_lens: dict[int, int] = dataclasses.field(default_factory=dict)  # always empty
-    # Decode queries held back in this step: their index in the batch, their place in the
-    # runtime's store (slot * pending_queries + order), and the slots the store must have.
+    # Decode queries held back in this step: their index in the batch and their place in the
+    # runtime's store (slot * pending_queries + order).
     held_back: dict[str, torch.Tensor] | None = None
-    pending_slots: int = 0
 
     @property
     def empty(self) -> bool:
@@ -346,7 +345,6 @@ class AttentionStatsRuntime(RequestRegistry):
             query, place = zip(*held_back)
             plan.held_back = to_device({"query": torch.tensor(query, dtype=torch.int64),
                                         "place": torch.tensor(place, dtype=torch.int64)}, device)
-            plan.pending_slots = self._num_slots
         return plan
 
     def _grow(self, state: RequestPages, num_pages: int, device) -> None:
@@ -383,16 +381,15 @@ class AttentionStatsRuntime(RequestRegistry):
 
     def _hold_back(self, layer: int, query: torch.Tensor, plan: StatsStepPlan) -> None:
         """Store this layer's held-back decode queries (the store grows, on the host's word, to
-        the slots the plan counts)."""
+        the slots handed out)."""
         pending = self.pending
-        if (pending is None or pending.shape[1] < plan.pending_slots
-                or pending.shape[3:] != query.shape[1:] or pending.dtype != query.dtype):
-            have = 0 if pending is None else pending.shape[1]
-            grown = torch.empty((self.num_layers, max(plan.pending_slots, 2 * have, 8),
+        have = 0 if pending is None else pending.shape[1]
+        if have < self._num_slots:
+            grown = torch.empty((self.num_layers, max(self._num_slots, 2 * have, 8),
                                  self.pending_queries, *query.shape[1:]),
                                 dtype=query.dtype, device=query.device)
-            if pending is not None and pending.shape[3:] == query.shape[1:]:
-                grown[:, :pending.shape[1]] = pending
+            if have:
+                grown[:, :have] = pending
             self.pending = pending = grown
         held_back = plan.held_back
         pending[layer].flatten(0, 1).index_copy_(0, held_back["place"],
@@ -414,11 +411,13 @@ class AttentionStatsRuntime(RequestRegistry):
         if rows > single:
             blocks = batch.blocks[single:rows, :batch.window_cols]
             prompts = batch.num_prompt_windows
-            queries = [query[batch.window_query[:prompts]]]
+            queries = []
+            if prompts:  # prompt windows: the step's queries
+                queries.append(query[batch.window_query[:prompts]])
             if single + prompts < rows:  # held-back decode queries
                 pending = self.pending[layer].flatten(0, 1)
                 queries.append(pending[batch.window_query[prompts:]])
-            queries = torch.cat(queries) if prompts else queries[1]
+            queries = torch.cat(queries) if len(queries) > 1 else queries[0]
             window = self._keys.logits(kv_cache, blocks, queries, self.scale)
             logits.append(window[batch.window_rows, batch.window_slots])  # the real queries
         num_cols = max(batch.single_cols, batch.window_cols)
