@@ -84,8 +84,9 @@ def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinne
         # One request's rows: all KV heads at once, or one row per KV head.
         span = kv_heads if head_of_row[r] >= 0 else 1
         t = row_tokens[r]
-        for e in range(q_heads * head_dim):
-            bits[e] = _float32_bits(query[t, e // head_dim, e % head_dim], bfloat16)
+        for h in range(q_heads):  # (no division per element: it costs more than the rest)
+            for d in range(head_dim):
+                bits[h * head_dim + d] = _float32_bits(query[t, h, d], bfloat16)
         # max(q hi, q lo) = max(q, 0) hi + min(q, 0) lo, summed over the query heads that
         # read each KV head: weights of the flattened (hi, lo) digest.
         group = q_heads // kv_heads
@@ -239,30 +240,47 @@ def backup_pages(cache, blocks, slots, key_offsets, head_dim, bfloat16, cuboid_m
     Digests as :func:`vllm_kvevict.algorithms.digest.page_digests` (``cuboid_mean`` or max/min).
     """
     kv_heads, block_size, row = cache.shape[1], cache.shape[2], cache.shape[3]
-    bits = np.empty(block_size * head_dim, dtype=np.uint32)
-    keys = bits.view(np.float32)
+    count = block_size * head_dim
+    # Each key's (token, column) in the tile, divided out once per call, not per element.
+    tokens = np.empty(count, dtype=np.int64)
+    columns = np.empty(count, dtype=np.int64)
+    for e in range(count):
+        tokens[e] = key_offsets[e] // row
+        columns[e] = key_offsets[e] % row
+    bits = np.empty(count, dtype=np.uint32)
+    keys = bits.view(np.float32)  # [block_size, head_dim]
+    top = np.empty(head_dim, dtype=np.float32)
+    bottom = np.empty(head_dim, dtype=np.float32)
+    spread = np.empty(head_dim, dtype=np.float64)
     for i in range(blocks.shape[0]):
         block, slot = blocks[i], slots[i]
         for h in range(kv_heads):
-            for e in range(block_size * head_dim):
-                offset = key_offsets[e]
-                bits[e] = _float32_bits(cache[block, h, offset // row, offset % row], bfloat16)
-            for d in range(head_dim):
-                top = keys[d]
-                bottom = keys[d]
-                for t in range(1, block_size):
+            tile = cache[block, h]
+            for e in range(count):
+                bits[e] = _float32_bits(tile[tokens[e], columns[e]], bfloat16)
+            # Channels innermost (vectorises); tokens in order, so sums come out as torch's.
+            top[:] = keys[:head_dim]
+            bottom[:] = keys[:head_dim]
+            for t in range(1, block_size):
+                for d in range(head_dim):
                     v = keys[t * head_dim + d]
-                    top = max(top, v)
-                    bottom = min(bottom, v)
-                if cuboid_mean:
-                    centre = (top + bottom) / np.float32(2.0)
-                    spread = 0.0
-                    for t in range(block_size):
-                        spread += abs(keys[t * head_dim + d] - centre)
-                    radius = np.float32(spread / block_size)
-                    top, bottom = centre + radius, centre - radius
-                digests[slot, 0, h, d] = top
-                digests[slot, 1, h, d] = bottom
+                    top[d] = max(top[d], v)
+                    bottom[d] = min(bottom[d], v)
+            if cuboid_mean:
+                spread[:] = 0.0
+                for t in range(block_size):
+                    for d in range(head_dim):
+                        centre = (top[d] + bottom[d]) / np.float32(2.0)
+                        spread[d] += abs(keys[t * head_dim + d] - centre)
+                for d in range(head_dim):
+                    centre = (top[d] + bottom[d]) / np.float32(2.0)
+                    radius = np.float32(spread[d] / block_size)
+                    digests[slot, 0, h, d] = centre + radius
+                    digests[slot, 1, h, d] = centre - radius
+            else:
+                for d in range(head_dim):
+                    digests[slot, 0, h, d] = top[d]
+                    digests[slot, 1, h, d] = bottom[d]
         if copy:
             _copy_page(host_pages[slot], cache[block])
 
