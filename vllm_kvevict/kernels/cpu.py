@@ -84,7 +84,7 @@ def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinne
         # One request's rows: all KV heads at once, or one row per KV head.
         span = kv_heads if head_of_row[r] >= 0 else 1
         t = row_tokens[r]
-        for h in range(q_heads):  # (no division per element: it costs more than the rest)
+        for h in range(q_heads):  # no division per element
             for d in range(head_dim):
                 bits[h * head_dim + d] = _float32_bits(query[t, h, d], bfloat16)
         # max(q hi, q lo) = max(q, 0) hi + min(q, 0) lo, summed over the query heads that
@@ -251,6 +251,7 @@ def backup_pages(cache, blocks, slots, key_offsets, head_dim, bfloat16, cuboid_m
     keys = bits.view(np.float32)  # [block_size, head_dim]
     top = np.empty(head_dim, dtype=np.float32)
     bottom = np.empty(head_dim, dtype=np.float32)
+    centre = np.empty(head_dim, dtype=np.float32)
     spread = np.empty(head_dim, dtype=np.float64)
     for i in range(blocks.shape[0]):
         block, slot = blocks[i], slots[i]
@@ -266,21 +267,18 @@ def backup_pages(cache, blocks, slots, key_offsets, head_dim, bfloat16, cuboid_m
                     v = keys[t * head_dim + d]
                     top[d] = max(top[d], v)
                     bottom[d] = min(bottom[d], v)
-            if cuboid_mean:
-                spread[:] = 0.0
+            if cuboid_mean:  # the box's centre +- the mean distance from it
+                for d in range(head_dim):
+                    centre[d] = (top[d] + bottom[d]) / np.float32(2.0)
+                    spread[d] = 0.0
                 for t in range(block_size):
                     for d in range(head_dim):
-                        centre = (top[d] + bottom[d]) / np.float32(2.0)
-                        spread[d] += abs(keys[t * head_dim + d] - centre)
+                        spread[d] += abs(keys[t * head_dim + d] - centre[d])
                 for d in range(head_dim):
-                    centre = (top[d] + bottom[d]) / np.float32(2.0)
                     radius = np.float32(spread[d] / block_size)
-                    digests[slot, 0, h, d] = centre + radius
-                    digests[slot, 1, h, d] = centre - radius
-            else:
-                for d in range(head_dim):
-                    digests[slot, 0, h, d] = top[d]
-                    digests[slot, 1, h, d] = bottom[d]
+                    top[d], bottom[d] = centre[d] + radius, centre[d] - radius
+            digests[slot, 0, h] = top
+            digests[slot, 1, h] = bottom
         if copy:
             _copy_page(host_pages[slot], cache[block])
 
