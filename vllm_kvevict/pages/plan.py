@@ -111,9 +111,10 @@ class SelectionBatch:
         per_row = {name: a.repeat(heads, axis=0) for name, a in per_row.items()}
         anchors = anchors.reshape(num_layers, rows, num_anchors)
         # [L, R * heads, P]: sinks and window in every layer, each layer's anchors
-        pinned = np.ascontiguousarray(
-            np.broadcast_to(per_row.pop("pinned"), (num_layers, rows, num_pages)))
-        pin_pages(torch.from_numpy(pinned), torch.from_numpy(anchors))
+        pinned = np.empty((num_layers, rows, num_pages), dtype=np.bool_)
+        pinned[:] = per_row.pop("pinned")
+        layers, anchored, slots = np.nonzero(anchors >= 0)
+        pinned[layers, anchored, anchors[layers, anchored, slots]] = True
         host = {name: torch.from_numpy(a) for name, a in {
             **per_request, **per_row, "pinned": pinned,
             "held": held.reshape(num_layers, rows, num_cols), "anchors": anchors,
