@@ -8,6 +8,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+from tests.fake_engine import CACHES  # noqa: E402
+
+
+@pytest.fixture(params=list(CACHES))
+def cache(request):
+    """Each KV-cache layout the page runtimes are tested on (a :data:`CACHES` entry)."""
+    return CACHES[request.param]
+
 
 @pytest.fixture(scope="session")
 def model_path() -> str:

@@ -6,8 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from tests.test_pages import BS, CACHES, GROUP, HEAD_DIM, KV_HEADS, LAYERS, CPUCache, FakeEngine
-from tests.test_pages import cache  # noqa: F401  (the fixture)
+from tests.fake_engine import BS, CACHES, GROUP, HEAD_DIM, KV_HEADS, LAYERS, CPUCache, FakeEngine
 from vllm_kvevict.algorithms.attention_stats import (PageAttentionStats, accumulate,
                                                      page_attention_mass)
 from vllm_kvevict.algorithms.selection import topk_prefer_recent
@@ -455,7 +454,7 @@ def test_no_host_sync_per_layer_on_the_cuda_path(policy, monkeypatch):
             evicting_steps += evicts
             last = [events for layer, events in calls[calls_before:] if layer == LAYERS - 1]
             # (no layer runs page work in a step with none: see FakeEngine.step)
-            assert last == ([["cpu"]] if evicts else [] if plan.empty else [[]])
+            assert last == ([["cpu"]] if evicts else [[]] if plan.has_layer_work else [])
     assert evicting_steps >= 2
     assert all(events == [] for layer, events in calls if layer < LAYERS - 1), calls
     assert runtime.stats.evicted > 0

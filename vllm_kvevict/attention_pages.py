@@ -226,6 +226,11 @@ class StatsStepPlan:
     def empty(self) -> bool:
         return not self.observed and self.held_back is None
 
+    @property
+    def has_layer_work(self) -> bool:
+        """The layers have page work (the backend attaches the plan to the step only then)."""
+        return not self.empty
+
 
 class AttentionStatsRuntime(RequestRegistry):
     """Per-worker page bookkeeping of one KV-cache group under an attention-statistics policy."""

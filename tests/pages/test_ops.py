@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.host_syncs import HostSyncCounter
-from tests.test_pages import BS, CACHES, LAYERS, FakeEngine
+from tests.fake_engine import BS, CACHES, LAYERS, FakeEngine
 from vllm_kvevict.pages.ops import CompiledCPUPageOps, PageOps, TritonPageOps, page_ops_for
 from vllm_kvevict.paging import PageLayout
 

@@ -185,7 +185,7 @@ class EvictingBuilderMixin:
         compact = compact_common_metadata(common_attn_metadata, spec.layout,
                                           plan.sparse_seq_lens if plan else None)
         metadata = super().build(common_prefix_len, compact, fast_build)
-        if plan is not None and not (plan.empty and not plan.sparse_seq_lens):
+        if plan is not None and plan.has_layer_work:
             metadata.kvevict_plan = plan
             metadata.kvevict_runtime = runtime
         return metadata

@@ -197,3 +197,9 @@ class StepPlan:
     @property
     def empty(self) -> bool:
         return not (self.backup_blocks.numel() or self.selections or self.prefill_ends)
+
+    @property
+    def has_layer_work(self) -> bool:
+        """The layers have page work: backups, selections, prefill ends or rows attending over
+        selected pages (the backend attaches the plan to the step only then)."""
+        return not self.empty or bool(self.sparse_seq_lens)
