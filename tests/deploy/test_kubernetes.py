@@ -58,7 +58,8 @@ def crd_validators():
             if version["served"]:
                 schema = strict(version["schema"]["openAPIV3Schema"])
                 jsonschema.Draft7Validator.check_schema(schema)
-                validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft7Validator(schema)
+                key = (f"{group}/{version['name']}", kind)
+                validators[key] = jsonschema.Draft7Validator(schema)
     assert {kind for _, kind in validators} == {"LeaderWorkerSet", "ServiceMonitor"}
     return validators
 

@@ -1,4 +1,5 @@
-"""ArkVale on the real engine and the bundled model: budget, recall, passkey, lifetime, host store."""
+"""ArkVale on the real engine and the bundled model: budget, recall, passkey, lifetime, host
+store."""
 import pytest
 
 from tests.conftest import report

@@ -56,7 +56,8 @@ def test_none_matches_stock_vllm(model_path, none_tokens, tmp_path):
     env = dict(os.environ, VLLM_PLUGINS="no-such-plugin", VLLM_ENABLE_V1_MULTIPROCESSING="0")
     script = Path(__file__).with_name("stock_greedy.py")
     result = subprocess.run(
-        [sys.executable, str(script), model_path, str(prompts_file), str(MAX_TOKENS), str(BLOCK_SIZE)],
+        [sys.executable, str(script), model_path, str(prompts_file), str(MAX_TOKENS),
+         str(BLOCK_SIZE)],
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "vllm_kvevict" not in result.stderr, "the plugin must not load in the stock run"

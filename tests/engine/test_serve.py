@@ -36,7 +36,8 @@ def test_completions_streaming_and_not(client):
     full = client.completions.create(**kwargs)
     text = full.choices[0].text
     assert text.strip()
-    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(stream=True, **kwargs))
+    chunks = client.completions.create(stream=True, **kwargs)
+    streamed = "".join(chunk.choices[0].text for chunk in chunks)
     assert streamed == text
 
 

@@ -14,7 +14,8 @@ def page_stats(worker):
         return None
     stats = runtime.stats
     return {"backed_up": stats.backed_up, "recalled": stats.recalled,
-            "used_pages": runtime.store.used_pages, "num_kv_heads": runtime.store.digests[0].shape[2]}
+            "used_pages": runtime.store.used_pages,
+            "num_kv_heads": runtime.store.digests[0].shape[2]}
 
 
 def main(model_dir: str, out: str) -> None:

@@ -37,7 +37,8 @@ def test_scores_match_reference_with_pins_and_ragged_pages(per_kv_head, sink, wi
 
 
 def test_gqa_group_of_one_and_head_dim_not_a_power_of_two(device):
-    query, hi, lo, slots, num_pages = _ragged_batch(device, num_q_heads=2, num_kv_heads=2, head_dim=40)
+    query, hi, lo, slots, num_pages = _ragged_batch(device, num_q_heads=2, num_kv_heads=2,
+                                                    head_dim=40)
     scores = score_batch(query, hi, lo, slots, num_pages, 0, 0)
     ref = score_pages(query[0], hi[slots[0]], lo[slots[0]])
     torch.testing.assert_close(scores[0], ref, rtol=1e-5, atol=1e-5)

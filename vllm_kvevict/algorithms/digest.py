@@ -17,7 +17,8 @@ import torch
 DIGEST_KINDS = ("cuboid-mean", "cuboid-max")
 
 
-def page_digests(keys: torch.Tensor, kind: str = "cuboid-mean") -> tuple[torch.Tensor, torch.Tensor]:
+def page_digests(keys: torch.Tensor,
+                 kind: str = "cuboid-mean") -> tuple[torch.Tensor, torch.Tensor]:
     """Digests of full pages.
 
     Args:

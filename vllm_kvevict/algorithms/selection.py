@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 
-def select_pages(scores: torch.Tensor, sink_pages: int, window_pages: int, top_k: int) -> torch.Tensor:
+def select_pages(scores: torch.Tensor, sink_pages: int, window_pages: int,
+                 top_k: int) -> torch.Tensor:
     """Pages to keep for one request, ascending.
 
     Args:

@@ -57,7 +57,8 @@ def _token_victim(policy: str, stats: torch.Tensor, kept: torch.Tensor, t: int, 
     if policy == "roco":
         mean = total / count.clamp(min=1)
         sigma = (squares / count.clamp(min=1) - mean * mean).clamp(min=0).sqrt()
-        protected = kept & ((positions < sink) | (positions > t - max(window, ROCO_PROTECTED_SLOTS)))
+        recent = positions > t - max(window, ROCO_PROTECTED_SLOTS)
+        protected = kept & ((positions < sink) | recent)
         sigma = sigma.masked_fill(protected | ~kept, float("inf"))
         scope = torch.zeros_like(kept)
         scope[sigma.topk(budget - int(0.3 * budget), largest=False).indices] = True

@@ -151,7 +151,8 @@ def _run_trace(base: str, trace: list[dict], max_tokens: int, concurrency: int) 
     times = sorted(t for t in ttft if t is not None)
     return {
         "total_s": total,
-        "token_hit_rate": delta["vllm:prefix_cache_hits"] / max(1.0, delta["vllm:prefix_cache_queries"]),
+        "token_hit_rate": (delta["vllm:prefix_cache_hits"]
+                           / max(1.0, delta["vllm:prefix_cache_queries"])),
         "prompt_tokens": int(delta["vllm:prompt_tokens"]),
         "cached_prompt_tokens": int(delta["vllm:prompt_tokens_cached"]),
         "prefill_tokens_computed": int(delta["vllm:prompt_tokens"]
@@ -206,11 +207,13 @@ def run(model_path: str, out_dir: str, policies: list[str], num_requests: int,
         log_path.unlink(missing_ok=True)
     lru = next((r for r in rows if r["policy"] == "lru"), rows[0])
     for r in rows:
-        r["hit_rate_vs_lru"] = r["token_hit_rate"] / lru["token_hit_rate"] if lru["token_hit_rate"] else float("nan")
+        r["hit_rate_vs_lru"] = (r["token_hit_rate"] / lru["token_hit_rate"]
+                                if lru["token_hit_rate"] else float("nan"))
         r["ttft_p95_vs_lru"] = r["ttft_p95_ms"] / lru["ttft_p95_ms"]
         r["prefill_vs_lru"] = r["prefill_tokens_computed"] / max(1, lru["prefill_tokens_computed"])
     alloc = allocation_benchmark(alloc_blocks, alloc_requests)
-    kinds = {kind: sum(r["kind"] == kind for r in trace) for kind in sorted({r["kind"] for r in trace})}
+    kinds = {kind: sum(r["kind"] == kind for r in trace)
+             for kind in sorted({r["kind"] for r in trace})}
     payload = {"environment": environment(model_path),
                "settings": {"policies": policies, "num_requests": num_requests,
                             "kv_blocks": num_blocks, "block_size": BLOCK_SIZE,

@@ -1,4 +1,5 @@
-"""Soak: a real ``vllm serve`` per policy under a seeded mix of traffic, checked for errors and leaks.
+"""Soak: a real ``vllm serve`` per policy under a seeded mix of traffic, checked for errors and
+leaks.
 
 The mix (the same requests, in the same order, for every policy; ``seed``): completions and
 chat, streamed or not, prompts from a few tokens to ``max_model_len`` (log-uniform, plus bursts

@@ -109,7 +109,8 @@ def customize_for_eviction(spec):
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     if _worker_config is None:
-        raise RuntimeError("vllm-kvevict: KV-cache spec requested before any attention layer was built")
+        raise RuntimeError("vllm-kvevict: KV-cache spec requested before any attention layer "
+                           "was built")
     config = _worker_config
     # MLA, sliding-window and hybrid models are refused at start-up (engine.cli).
     if (not config.evicts or type(spec) is not FullAttentionSpec

@@ -216,8 +216,9 @@ def _add_cli_args(original, parser, *args, **kwargs):
     prefix = parser.add_argument_group(
         PREFIX_GROUP_TITLE, "vllm-kvevict: which cached blocks of finished requests vLLM's prefix "
         "cache gives up when it needs a free block (not to be confused with --kv-eviction-policy, "
-        "which drops a running request's tokens). Also accepted as --additional-config.prefix_cache."
-        "<setting> (eviction_policy, alpha, tune_window); these flags win over it.")
+        "which drops a running request's tokens). Also accepted as "
+        "--additional-config.prefix_cache.<setting> (eviction_policy, alpha, tune_window); "
+        "these flags win over it.")
     prefix.add_argument("--prefix-cache-eviction-policy", choices=PREFIX_CACHE_POLICIES,
                         default=None,
                         help="lru: vLLM's own least-recently-used order (default, stock vLLM); "

@@ -1,4 +1,5 @@
-"""Wrapping vLLM's methods in place: the one way the plugin hooks code that has no extension point."""
+"""Wrapping vLLM's methods in place: the one way the plugin hooks code that has no extension
+point."""
 from __future__ import annotations
 
 import functools

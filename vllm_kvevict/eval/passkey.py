@@ -12,7 +12,8 @@ import re
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
                "memorize it. I will quiz you about the important information there.\n")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again.\n")
 QUESTION = "What is the pass key? The pass key is"
 
 
@@ -29,7 +30,8 @@ def _needle(passkey: str) -> str:
 
 
 def make_trial(tokenizer, num_tokens: int, depth: float, passkey: str) -> PasskeyTrial:
-    """A prompt of about ``num_tokens`` tokens (within one filler sentence) with the key at ``depth``."""
+    """A prompt of about ``num_tokens`` tokens (within one filler sentence) with the key at
+    ``depth``."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     fixed = len(tokenizer.encode(INSTRUCTION + _needle(passkey) + QUESTION))

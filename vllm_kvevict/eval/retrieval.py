@@ -26,8 +26,8 @@ attention, ~3k tokens, 8 trials: 2/8 after "The number is" vs 8/8 with the cue, 
 1/8 vs 8/8 question first). It does not link several facts or walk a chain in one answer
 (multi-needle and var-chain: it names the first fact or link at best), so those two tasks are
 scored with partial credit as well. An answer format example in the var-chain question made it
-worse (the model copies the example: 2 links named in 10 trials vs 6 without). Trial ``i`` takes its haystack from source
-``texts.SOURCES[i % 3]``, so each cell mixes the sources.
+worse (the model copies the example: 2 links named in 10 trials vs 6 without). Trial ``i``
+takes its haystack from source ``texts.SOURCES[i % 3]``, so each cell mixes the sources.
 """
 from __future__ import annotations
 

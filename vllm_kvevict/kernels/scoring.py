@@ -46,7 +46,8 @@ SCORE = Kernel(_score_kernel)
 
 def score_batch(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
                 page_slots: torch.Tensor, num_pages: torch.Tensor, sink_pages: int,
-                window_pages: int, per_kv_head: bool = False, block_pages: int = 64) -> torch.Tensor:
+                window_pages: int, per_kv_head: bool = False,
+                block_pages: int = 64) -> torch.Tensor:
     """Scores of every request's pages for one decode query each.
 
     Args:

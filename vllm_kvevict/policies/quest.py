@@ -3,7 +3,8 @@
 Every page stays resident (no memory saving). Each decode step, per layer, pages are scored by
 their min/max key digest, ``sum_d max(q_d * max_d, q_d * min_d)`` (mean over query heads, one
 ranking per layer), and attention reads only the sinks, the recent window and the top-k pages:
-``--kv-budget`` is the number of tokens attended per step; the digest is always ``cuboid-max``. Differences from the paper: a page is a vLLM block (32 tokens), and the
+``--kv-budget`` is the number of tokens attended per step; the digest is always ``cuboid-max``.
+Differences from the paper: a page is a vLLM block (32 tokens), and the
 sink and window pages are always attended (Quest itself keeps the first two layers dense).
 """
 from __future__ import annotations
