@@ -38,6 +38,10 @@ def test_all_benchmarks_quick(tmp_path, model_path):
     assert all(r["output_tokens"] == 4 * 24 and r["mean_itl_ms"] > 0 and r["decode_tok_s"] > 0
                for r in decode)
     assert len(decode_runs["rounds"]) == 2
+    # The server's page work per step: arkvale's, none for policies without page work.
+    assert [r.get("page_work_ms") for r in decode[:2]] == [None, None]
+    assert decode[2]["page_work_ms"] > 0
+    assert throughput[0]["page_work_ms"] is None and throughput[1]["page_work_ms"] > 0
     low, high = decode[2]["tok_s_vs_streamingllm_range"]
     assert low <= decode[2]["tok_s_vs_streamingllm"] <= high
     assert {low, high} == {run[2]["tok_s_vs_streamingllm"] for run in decode_runs["rounds"]}

@@ -59,3 +59,33 @@ def test_policies_without_none_are_refused_before_anything_runs(tmp_path):
         throughput.run(str(tmp_path / "no-model"), str(tmp_path), 2, 100, 8, 64, 32,
                        ["streamingllm", "h2o"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_page_work_per_step_comes_from_the_servers_exposition():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from vllm_kvevict.bench.throughput import page_work_ms, page_work_totals
+    from vllm_kvevict.engine.metrics_export import EvictionCollector
+
+    def exposition(ranks: list[tuple[int, float]]) -> str:
+        """The plugin's own ``/metrics`` text with each rank's (steps, seconds) of page work."""
+        collector = EvictionCollector("m")
+        registry = CollectorRegistry()
+        registry.register(collector)
+        if ranks:
+            workers = [{"rank": rank, "backed_up": 0, "evicted": 0, "recalled": 0,
+                        "host_used_bytes": 0, "host_capacity_bytes": 0,
+                        "page_work_seconds": {"bounds": [0.01], "counts": [steps, 0],
+                                              "sum": seconds},
+                        "selections_per_step": {"bounds": [1], "counts": [steps, 0], "sum": 0}}
+                       for rank, (steps, seconds) in enumerate(ranks)]
+            collector.latest[0] = {"budget_blocks": 16, "resident_blocks": 0,
+                                   "host_store_full": {}, "workers": workers}
+        return generate_latest(registry).decode()
+
+    assert page_work_totals(exposition([])) == (0.0, 0.0)  # none, streamingllm
+    before = page_work_totals(exposition([(10, 0.05), (10, 0.07)]))
+    assert before[1] == 20 and abs(before[0] - 0.12) < 1e-12
+    after = page_work_totals(exposition([(30, 0.09), (30, 0.15)]))
+    assert abs(page_work_ms(before, after) - 1000 * 0.12 / 40) < 1e-9  # the load's steps only
+    assert page_work_ms(before, before) is None

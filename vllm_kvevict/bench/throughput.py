@@ -8,7 +8,9 @@ prompts, long answers, as reasoning traffic: decode-heavy). Reported: the most r
 at once (polled from the server's Prometheus ``/metrics``), output tokens/s and total time, each
 as a ratio to ``none`` from the same run; and, apart from prefill, the decode phase: the mean
 inter-token latency (time between a request's streamed tokens after its first) and decode
-tokens/s (tokens after each request's first, over the time at least one request was decoding).
+tokens/s (tokens after each request's first, over the time at least one request was decoding);
+and the server's own host time of page work per step (its ``/metrics``), which is where an
+evicting policy's steps differ from streamingllm's.
 
 Prompts are passkey prompts, whose filler is shared text; each starts with its own line so that
 no KV block is common to two requests. Otherwise ``none`` would reuse the shared filler through
@@ -28,6 +30,7 @@ from vllm_kvevict.bench.common import (BLOCK_SIZE, SettingError, environment, la
                                        start_server, stop_server, write_results)
 
 RUNNING = re.compile(r'^vllm:num_requests_running\{[^}]*\}\s+([0-9.e+]+)', re.M)
+PAGE_WORK = re.compile(r'^vllm:kvevict_page_work_seconds_(sum|count)\{[^}]*\}\s+([0-9.e+-]+)', re.M)
 
 
 def _serve(model_path: str, policy: str, budget: int | None, num_blocks: int,
@@ -78,6 +81,10 @@ def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
                 tokens = chunk.usage.completion_tokens
         return tokens, arrivals
 
+    def page_work() -> tuple[float, float]:
+        return page_work_totals(requests.get(f"{base}/metrics", timeout=5).text)
+
+    work_before = page_work()
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     start = time.perf_counter()
@@ -88,7 +95,24 @@ def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
     poller.join()
     produced = sum(tokens for tokens, _ in replies)
     return {"total_s": elapsed, "output_tokens": produced, "output_tok_s": produced / elapsed,
-            "most_running": most_running, **decode_phase(replies)}
+            "most_running": most_running, **decode_phase(replies),
+            "page_work_ms": page_work_ms(work_before, page_work())}
+
+
+def page_work_totals(metrics: str) -> tuple[float, float]:
+    """``(seconds, steps)`` of page work so far, summed over the workers, from a ``/metrics``
+    exposition (``(0, 0)`` where a policy does none: none, streamingllm)."""
+    totals = {"sum": 0.0, "count": 0.0}
+    for kind, value in PAGE_WORK.findall(metrics):
+        totals[kind] += float(value)
+    return totals["sum"], totals["count"]
+
+
+def page_work_ms(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """Mean host milliseconds of page work per worker step between two :func:`page_work_totals`
+    (None: no step had page work)."""
+    steps = after[1] - before[1]
+    return 1000 * (after[0] - before[0]) / steps if steps > 0 else None
 
 
 def decode_phase(replies: list[tuple[int, list[float]]]) -> dict:
@@ -170,18 +194,21 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
     table = markdown_table(
         ["policy@budget", "most running", "output tok/s", "total s", "concurrency vs none",
          "tok/s vs none", "tok/s vs streamingllm", "time vs none", "decode tok/s",
-         "decode tok/s vs none", "mean ITL ms"],
+         "decode tok/s vs none", "mean ITL ms", "page work ms/step"],
         [[label(r["policy"], r["budget"]), r["most_running"], f"{r['output_tok_s']:.1f}",
           f"{r['total_s']:.1f}", f"{r['concurrency_ratio']:.2f}x", f"{r['tok_s_ratio']:.2f}x",
           vs_floor(r), f"{r['time_ratio']:.2f}x", f"{r['decode_tok_s']:.1f}",
-          f"{r['decode_tok_s_ratio']:.2f}x", f"{r['mean_itl_ms']:.1f}"] for r in rows])
+          f"{r['decode_tok_s_ratio']:.2f}x", f"{r['mean_itl_ms']:.1f}",
+          "-" if r.get("page_work_ms") is None else f"{r['page_work_ms']:.2f}"] for r in rows])
     write_results(out_dir, name, payload,
                   f"{num_requests} concurrent streamed completions, ~{prompt_tokens}-token "
                   f"prompts, {max_tokens} tokens each (ignore_eos), KV pool of {num_blocks} "
                   f"blocks of {BLOCK_SIZE} tokens for every policy, prompts distinct from their "
                   f"first block (no prefix reuse); `vllm serve` + OpenAI client. Decode tok/s: "
                   f"tokens after each request's first over the time some request was decoding; "
-                  f"mean ITL: mean time between a request's tokens after its first."
+                  f"mean ITL: mean time between a request's tokens after its first; page "
+                  f"work: the server's host time of page work (plan and layers) per step that "
+                  f"had some (`vllm:kvevict_page_work_seconds`), mean over the load."
                   + (f" Medians over {rounds} rounds (every policy once per round, the order "
                      f"reversed every other round); ratios: the median of the rounds' ratios, "
                      f"their range in brackets." if rounds > 1 else "") + "\n\n"
