@@ -64,11 +64,13 @@ def test_policies_without_none_are_refused_before_anything_runs(tmp_path):
 def test_page_work_per_step_comes_from_the_servers_exposition():
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from vllm_kvevict.bench.throughput import page_work_ms, page_work_totals
+    from vllm_kvevict.bench.common import series_sums
+    from vllm_kvevict.bench.throughput import PAGE_WORK, page_work_ms
     from vllm_kvevict.engine.metrics_export import EvictionCollector
 
-    def exposition(ranks: list[tuple[int, float]]) -> str:
-        """The plugin's own ``/metrics`` text with each rank's (steps, seconds) of page work."""
+    def page_work(ranks: list[tuple[int, float]]) -> dict[str, float]:
+        """:data:`PAGE_WORK` summed over the plugin's own ``/metrics`` text, each rank with
+        (steps, seconds) of page work."""
         collector = EvictionCollector("m")
         registry = CollectorRegistry()
         registry.register(collector)
@@ -81,11 +83,12 @@ def test_page_work_per_step_comes_from_the_servers_exposition():
                        for rank, (steps, seconds) in enumerate(ranks)]
             collector.latest[0] = {"budget_blocks": 16, "resident_blocks": 0,
                                    "host_store_full": {}, "workers": workers}
-        return generate_latest(registry).decode()
+        return series_sums(generate_latest(registry).decode(), PAGE_WORK)
 
-    assert page_work_totals(exposition([])) == (0.0, 0.0)  # none, streamingllm
-    before = page_work_totals(exposition([(10, 0.05), (10, 0.07)]))
-    assert before[1] == 20 and abs(before[0] - 0.12) < 1e-12
-    after = page_work_totals(exposition([(30, 0.09), (30, 0.15)]))
+    seconds, steps = PAGE_WORK
+    assert page_work([]) == {seconds: 0.0, steps: 0.0}  # none, streamingllm
+    before = page_work([(10, 0.05), (10, 0.07)])
+    assert before[steps] == 20 and abs(before[seconds] - 0.12) < 1e-12
+    after = page_work([(30, 0.09), (30, 0.15)])
     assert abs(page_work_ms(before, after) - 1000 * 0.12 / 40) < 1e-9  # the load's steps only
     assert page_work_ms(before, before) is None

@@ -5,9 +5,10 @@ import gc
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 BLOCK_SIZE = 32
 
@@ -122,6 +123,23 @@ def annotate_percent(ax, grid) -> None:
         if not np.isnan(value):
             ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center",
                     color="white" if value < 0.6 else "black")
+
+
+def series_sums(metrics: str, names: Sequence[str]) -> dict[str, float]:
+    """Each named sample of a Prometheus exposition (``/metrics`` text), summed over its label
+    sets (workers, engines); 0 for a name the exposition lacks."""
+    sums = {}
+    for name in names:
+        pattern = rf'^{re.escape(name)}(?:\{{[^}}]*\}})?\s+([0-9.e+-]+)'
+        sums[name] = sum(float(value) for value in re.findall(pattern, metrics, re.M))
+    return sums
+
+
+def server_series_sums(base: str, names: Sequence[str]) -> dict[str, float]:
+    """:func:`series_sums` of the server at ``base`` now."""
+    import requests
+
+    return series_sums(requests.get(f"{base}/metrics", timeout=10).text, names)
 
 
 def free_port() -> int:

@@ -21,14 +21,13 @@ and per block, and for marconi (tuned online) the time spent replaying windows.
 from __future__ import annotations
 
 import random
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vllm_kvevict.bench.common import (BLOCK_SIZE, environment, markdown_table, median,
-                                       write_results)
+                                       server_series_sums, write_results)
 
 WORDS = ("account answer apple area army baby back ball bank base bath bear bed bell bird "
          "blood boat body bone book box boy brain bread bridge brother cake camera card care "
@@ -48,7 +47,6 @@ WORDS = ("account answer apple area army baby back ball bank base bath bear bed 
          "sun system table teacher team theory thing time tool town train tree truth uncle "
          "unit valley village voice wall water wave weather week window winter wood word "
          "work world year").split()
-METRIC = r'^{name}_total(?:\{{[^}}]*\}})?\s+([0-9.e+]+)'
 COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:prompt_tokens",
             "vllm:prompt_tokens_cached")
 
@@ -108,14 +106,8 @@ def _policy_flags(policy: str) -> list[str]:
 
 
 def _counters(base: str) -> dict[str, float]:
-    import requests
-
-    text = requests.get(f"{base}/metrics", timeout=10).text
-    values = {}
-    for name in COUNTERS:
-        matches = re.findall(METRIC.format(name=re.escape(name)), text, re.M)
-        values[name] = sum(float(m) for m in matches)
-    return values
+    totals = server_series_sums(base, [f"{name}_total" for name in COUNTERS])
+    return {name: totals[f"{name}_total"] for name in COUNTERS}
 
 
 def _run_trace(base: str, trace: list[dict], max_tokens: int, concurrency: int) -> dict:

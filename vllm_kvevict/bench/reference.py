@@ -113,8 +113,8 @@ def _table(summary, prompt_tokens, answer_tokens) -> str:
              f"{100 * s['needle_kept_token_level']:.0f}%",
              f"{100 * s['needle_kept_page_level']:.0f}%"] for s in summary]
     return ("Token-level reference vs page-level policy on the same inputs "
-            f"(~{prompt_tokens}-token "
-            f"passkey prompts + {answer_tokens} answer tokens, bundled model in transformers). "
+            f"(~{prompt_tokens}-token passkey prompts + {answer_tokens} answer tokens, bundled "
+            "model in transformers). "
             "Overlap: share of the reference's kept tokens the page-level version keeps, mean "
             "over sampled layers, KV heads and trials. Needle kept: share of the passkey's "
             "tokens still in the cache after the last step.\n\n"

@@ -27,10 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from vllm_kvevict.bench.common import (BLOCK_SIZE, SettingError, environment, label, markdown_table,
-                                       start_server, stop_server, write_results)
+                                       server_series_sums, start_server, stop_server, write_results)
 
 RUNNING = re.compile(r'^vllm:num_requests_running\{[^}]*\}\s+([0-9.e+]+)', re.M)
-PAGE_WORK = re.compile(r'^vllm:kvevict_page_work_seconds_(sum|count)\{[^}]*\}\s+([0-9.e+-]+)', re.M)
+# Host seconds of page work and the steps that had some (a histogram's sum and count).
+PAGE_WORK = ("vllm:kvevict_page_work_seconds_sum", "vllm:kvevict_page_work_seconds_count")
 
 
 def _serve(model_path: str, policy: str, budget: int | None, num_blocks: int,
@@ -81,10 +82,7 @@ def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
                 tokens = chunk.usage.completion_tokens
         return tokens, arrivals
 
-    def page_work() -> tuple[float, float]:
-        return page_work_totals(requests.get(f"{base}/metrics", timeout=5).text)
-
-    work_before = page_work()
+    work_before = server_series_sums(base, PAGE_WORK)
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     start = time.perf_counter()
@@ -96,23 +94,15 @@ def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
     produced = sum(tokens for tokens, _ in replies)
     return {"total_s": elapsed, "output_tokens": produced, "output_tok_s": produced / elapsed,
             "most_running": most_running, **decode_phase(replies),
-            "page_work_ms": page_work_ms(work_before, page_work())}
+            "page_work_ms": page_work_ms(work_before, server_series_sums(base, PAGE_WORK))}
 
 
-def page_work_totals(metrics: str) -> tuple[float, float]:
-    """``(seconds, steps)`` of page work so far, summed over the workers, from a ``/metrics``
-    exposition (``(0, 0)`` where a policy does none: none, streamingllm)."""
-    totals = {"sum": 0.0, "count": 0.0}
-    for kind, value in PAGE_WORK.findall(metrics):
-        totals[kind] += float(value)
-    return totals["sum"], totals["count"]
-
-
-def page_work_ms(before: tuple[float, float], after: tuple[float, float]) -> float | None:
-    """Mean host milliseconds of page work per worker step between two :func:`page_work_totals`
-    (None: no step had page work)."""
-    steps = after[1] - before[1]
-    return 1000 * (after[0] - before[0]) / steps if steps > 0 else None
+def page_work_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Mean host milliseconds of page work per worker step between two readings of the
+    server's :data:`PAGE_WORK` series summed over workers (None: no step had page work, as
+    under none and streamingllm, which export none)."""
+    seconds, steps = (after[name] - before[name] for name in PAGE_WORK)
+    return 1000 * seconds / steps if steps > 0 else None
 
 
 def decode_phase(replies: list[tuple[int, list[float]]]) -> dict:
