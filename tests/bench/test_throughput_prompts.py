@@ -92,3 +92,20 @@ def test_page_work_per_step_comes_from_the_servers_exposition():
     after = page_work([(30, 0.09), (30, 0.15)])
     assert abs(page_work_ms(before, after) - 1000 * 0.12 / 40) < 1e-9  # the load's steps only
     assert page_work_ms(before, before) is None
+
+
+def test_policy_entries_carry_the_plugin_settings_to_the_server():
+    import pytest
+
+    from vllm_kvevict.bench.common import SettingError
+    from vllm_kvevict.bench.throughput import base_policy, policy_flags
+
+    assert policy_flags("arkvale") == ["--kv-eviction-policy", "arkvale"]
+    assert policy_flags("arkvale+no-kv-per-head-selection+kv-digest=cuboid-max") == [
+        "--kv-eviction-policy", "arkvale", "--no-kv-per-head-selection", "--kv-digest",
+        "cuboid-max"]
+    assert base_policy("none") == "none"
+    assert base_policy("arkvale+kv-top-k-tokens=128") == "arkvale"
+    for entry in ("arkvale+max-model-len=10", "arkvale+kv-digest=", "arkvale+"):
+        with pytest.raises(SettingError, match="not one of the plugin's settings"):
+            policy_flags(entry)

@@ -34,10 +34,31 @@ RUNNING = re.compile(r'^vllm:num_requests_running\{[^}]*\}\s+([0-9.e+]+)', re.M)
 PAGE_WORK = ("vllm:kvevict_page_work_seconds_sum", "vllm:kvevict_page_work_seconds_count")
 
 
-def _serve(model_path: str, policy: str, budget: int | None, num_blocks: int,
-           max_model_len: int, log_path: Path):
+def policy_flags(entry: str) -> list[str]:
+    """The ``vllm serve`` flags of a policies entry: ``POLICY``, or ``POLICY+SETTING[+...]``
+    to measure a policy with other settings beside its defaults in the same run, each SETTING
+    one of the plugin's flags without its dashes, ``NAME`` or ``NAME=VALUE`` (e.g.
+    ``arkvale+no-kv-per-head-selection``, ``arkvale+kv-digest=cuboid-max``)."""
+    policy, *settings = entry.split("+")
     flags = ["--kv-eviction-policy", policy]
-    if policy != "none":
+    for setting in settings:
+        name, has_value, value = setting.partition("=")
+        if not name.startswith(("kv-", "no-kv-")) or (has_value and not value):
+            raise SettingError(f"policy entry {entry!r}: {setting!r} is not one of the plugin's "
+                               f"settings (kv-NAME, kv-NAME=VALUE or no-kv-NAME)")
+        flags += [f"--{name}", *([value] if has_value else [])]
+    return flags
+
+
+def base_policy(entry: str) -> str:
+    """The policy of a policies entry (see :func:`policy_flags`)."""
+    return entry.partition("+")[0]
+
+
+def _serve(model_path: str, entry: str, budget: int | None, num_blocks: int,
+           max_model_len: int, log_path: Path):
+    flags = policy_flags(entry)
+    if budget is not None:
         flags += ["--kv-budget", str(budget)]
     return _serve_with(model_path, num_blocks, max_model_len, log_path, flags)
 
@@ -143,6 +164,8 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
 
     if "none" not in policies:
         raise SettingError("policies must include none: every ratio is taken to it")
+    for entry in policies:
+        policy_flags(entry)  # a malformed entry fails before any server starts
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = [distinct_prompt(i, make_trial(tokenizer, prompt_tokens, (i + 0.5) / num_requests,
                                              str(10000 + 7919 * i)).prompt)
@@ -153,7 +176,7 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
     for index in range(rounds):
         results = {}
         for policy in (policies if index % 2 == 0 else policies[::-1]):
-            b = None if policy == "none" else budget
+            b = None if base_policy(policy) == "none" else budget
             # The same context limit for all: one request's prompt and output (with a margin).
             max_model_len = prompt_tokens + max_tokens + 256
             process, base = _serve(model_path, policy, b, num_blocks, max_model_len,

@@ -225,7 +225,7 @@ class CompiledCPUPageOps(PageOps):
 
         self._kernels = cpu
         self._key_offsets: dict[tuple[int, int], object] = {}
-        self._arrays: dict[tuple, object] = {}
+        self._arrays: dict[tuple[int, bool], tuple[torch.Tensor, object]] = {}
 
     def select(self, policy, query, digests, batch, layer, kv_cache, source, from_host):
         if not policy.digest_bound_score:
@@ -248,12 +248,13 @@ class CompiledCPUPageOps(PageOps):
 
     def _array(self, pages: torch.Tensor, bits: bool = False):
         """The numpy view (``bits``: integer view) of a long-lived tensor (KV cache, host
-        store, digests), kept."""
-        key = (pages.data_ptr(), pages.shape, pages.dtype, bits)
-        array = self._arrays.get(key)
-        if array is None:
-            array = self._arrays[key] = _bits(pages) if bits else pages.numpy()
-        return array
+        store, digests), kept with the tensor, which every step passes again: found by the
+        tensor's identity, the cheapest lookup for a per-layer call."""
+        entry = self._arrays.get((id(pages), bits))
+        if entry is None or entry[0] is not pages:
+            entry = self._arrays[id(pages), bits] = (pages, _bits(pages) if bits
+                                                      else pages.numpy())
+        return entry[1]
 
     def _bits(self, pages: torch.Tensor):
         return self._array(pages, bits=True)
