@@ -1,0 +1,56 @@
+"""The compiled CPU selection keeps exactly the pages the torch rule keeps, given its scores:
+pinned first, then the best-scored, the more recent page winning a tie, also when pinned pages
+do not all fit or a score is infinite."""
+import numpy as np
+import pytest
+import torch
+
+from vllm_kvevict.algorithms.selection import keep_mask
+from vllm_kvevict.kernels import cpu
+
+KV_HEADS, GROUP, HEAD_DIM, PAGES = 2, 2, 8, 12
+
+
+def _select(query, digests, host_ids, num_full, pinned, num_keep):
+    rows = host_ids.shape[0]
+    keep = np.zeros(host_ids.shape, dtype=np.bool_)
+    scores = np.zeros(host_ids.shape, dtype=np.float32)
+    held = np.full((rows, 1), PAGES, dtype=np.int64)
+    unused = np.zeros((1, 1, 1, 1), dtype=np.int32)
+    cpu.select_pages(query.view(torch.int32).numpy(), False, np.arange(rows), digests.numpy(),
+                     host_ids, num_full, pinned, num_keep, held, np.zeros((rows, 1), np.bool_),
+                     np.zeros((rows, 1), np.int64), np.full(rows, -1), unused, unused,
+                     cpu.NO_PLACEMENT, keep, scores)
+    return keep, scores
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_keep_matches_the_torch_rule(seed):
+    generator = torch.Generator().manual_seed(seed)
+    rows = 6
+    query = torch.randn(rows, KV_HEADS * GROUP, HEAD_DIM, generator=generator)
+    digests = torch.randn(PAGES * rows, 2, KV_HEADS, HEAD_DIM, generator=generator)
+    digests[:, 0] = digests[:, 0].abs()  # hi >= 0
+    digests[:, 1] = -digests[:, 1].abs()  # lo <= 0
+    host_ids = np.arange(PAGES * rows, dtype=np.int64).reshape(rows, PAGES)
+    num_full = np.array([12, 9, 12, 5, 12, 12], dtype=np.int64)
+    pinned = np.zeros((rows, PAGES), dtype=np.bool_)
+    pinned[:, :2] = True  # sinks
+    for r, n in enumerate(num_full):
+        pinned[r, n - 1] = True  # window
+    pinned[0, [4, 7]] = True  # anchors
+    num_keep = np.array([6, 5, 6, 4, 3, 2], dtype=np.int64)  # row 5: fewer than its pinned
+    host_ids[1, 3:6] = host_ids[1, 3]  # equal scores: the more recent page wins
+    host_ids[2, 5] = host_ids[2, 8] = host_ids[2, 9]
+    # An infinite score outside the pinned pages (a channel where every query value is > 0).
+    query[4, :, 0] = query[4, :, 0].abs() + 1
+    digests[host_ids[4, 6], 0, :, 0] = float("inf")
+    keep, scores = _select(query, digests, host_ids, num_full, pinned, num_keep)
+    valid = torch.arange(PAGES) < torch.from_numpy(num_full)[:, None]
+    expected = keep_mask(torch.from_numpy(scores), valid, torch.from_numpy(pinned),
+                         torch.from_numpy(np.minimum(num_keep, num_full)))
+    assert np.isinf(scores[4, 6]) and scores[4, 6] > 0
+    assert torch.equal(torch.from_numpy(keep), expected)
+    # An infinite score ties with the pinned pages: the 3 most recent of the 4 are kept.
+    assert np.flatnonzero(keep[4]).tolist() == [1, 6, 11]
+    assert np.flatnonzero(keep[5]).tolist() == [1, 11]  # the most recent pinned pages
