@@ -109,3 +109,6 @@ def test_policy_entries_carry_the_plugin_settings_to_the_server():
     for entry in ("arkvale+max-model-len=10", "arkvale+kv-digest=", "arkvale+"):
         with pytest.raises(SettingError, match="not one of the plugin's settings"):
             policy_flags(entry)
+    for entry in ("arkvale+kv-budget=256", "arkvale+kv-eviction-policy=h2o"):
+        with pytest.raises(SettingError, match="the benchmark's own setting"):
+            policy_flags(entry)

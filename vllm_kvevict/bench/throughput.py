@@ -46,6 +46,9 @@ def policy_flags(entry: str) -> list[str]:
         if not name.startswith(("kv-", "no-kv-")) or (has_value and not value):
             raise SettingError(f"policy entry {entry!r}: {setting!r} is not one of the plugin's "
                                f"settings (kv-NAME, kv-NAME=VALUE or no-kv-NAME)")
+        if name in ("kv-eviction-policy", "kv-budget"):
+            raise SettingError(f"policy entry {entry!r}: {name} is the benchmark's own setting "
+                               f"(the entry's policy; --set budget=N)")
         flags += [f"--{name}", *([value] if has_value else [])]
     return flags
 
