@@ -285,6 +285,8 @@ def _plot(rows, out_dir, name) -> None:
     axes[2].set_title("mean inter-token latency (ms)")
     for axis in axes:
         axis.tick_params(axis="x", labelrotation=30)
+        for text in axis.get_xticklabels():
+            text.set_horizontalalignment("right")  # each label ends under its bar
     fig.tight_layout()
     fig.savefig(f"{out_dir}/{name}.png", dpi=110)
     plt.close(fig)
