@@ -135,11 +135,12 @@ def series_sums(metrics: str, names: Sequence[str]) -> dict[str, float]:
     return sums
 
 
-def server_series_sums(base: str, names: Sequence[str]) -> dict[str, float]:
+def server_series_sums(base: str, names: Sequence[str], timeout: float = 10
+                       ) -> dict[str, float]:
     """:func:`series_sums` of the server at ``base`` now."""
     import requests
 
-    return series_sums(requests.get(f"{base}/metrics", timeout=10).text, names)
+    return series_sums(requests.get(f"{base}/metrics", timeout=timeout).text, names)
 
 
 def free_port() -> int:

@@ -19,7 +19,6 @@ would measure prefix reuse, not eviction.
 """
 from __future__ import annotations
 
-import re
 import statistics
 import threading
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 from vllm_kvevict.bench.common import (BLOCK_SIZE, SettingError, environment, label, markdown_table,
                                        server_series_sums, start_server, stop_server, write_results)
 
-RUNNING = re.compile(r'^vllm:num_requests_running\{[^}]*\}\s+([0-9.e+]+)', re.M)
+RUNNING = "vllm:num_requests_running"
 # Host seconds of page work and the steps that had some (a histogram's sum and count).
 PAGE_WORK = ("vllm:kvevict_page_work_seconds_sum", "vllm:kvevict_page_work_seconds_count")
 
@@ -86,9 +85,8 @@ def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
         nonlocal most_running
         while not stop.is_set():
             try:
-                match = RUNNING.search(requests.get(f"{base}/metrics", timeout=5).text)
-                if match:
-                    most_running = max(most_running, int(float(match.group(1))))
+                running = server_series_sums(base, [RUNNING], timeout=5)[RUNNING]
+                most_running = max(most_running, int(running))
             except requests.RequestException:
                 pass
             time.sleep(0.25)
