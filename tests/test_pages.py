@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.fake_engine import BS, KV_HEADS, LAYERS, LAYOUT, FakeEngine
+from vllm_kvevict.algorithms.digest import digest_dtype, stored_digests
 from vllm_kvevict.pages import CPUBlockFormat, HostPageStore, HostStoreFull
 from vllm_kvevict.paging import PageLayout
 
@@ -44,8 +45,8 @@ def test_digests_match_the_backed_up_keys(cache):
         centre = (keys.amax(0) + keys.amin(0)) / 2
         radius = (keys - centre).abs().mean(0)
         digest = engine.store.digests[layer][state.host_ids[1]]
-        torch.testing.assert_close(digest[0], centre + radius)
-        torch.testing.assert_close(digest[1], centre - radius)
+        assert digest.dtype == digest_dtype(host.dtype)
+        assert torch.equal(digest, stored_digests(centre + radius, centre - radius, digest.dtype))
 
 
 def test_prefill_end_keeps_the_best_pages_and_decode_recalls_evicted_ones(cache):

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from vllm_kvevict.algorithms.digest import page_digests, score_packed_pages, score_pages
+from vllm_kvevict.algorithms.digest import (digest_dtype, page_digests, score_packed_pages,
+                                            score_pages, stored_digests)
 from vllm_kvevict.algorithms.selection import select_pages
 
 
@@ -15,6 +16,26 @@ def test_cuboid_mean_and_max_digests():
     # centre (2, 1); mean |k - c| = (2+0+2)/3, (3+3+0)/3 = 4/3, 2
     torch.testing.assert_close(hi, torch.tensor([[[2 + 4 / 3, 3.0]]]))
     torch.testing.assert_close(lo, torch.tensor([[[2 - 4 / 3, -1.0]]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stored_digests_round_outward_to_the_nearest_values(dtype):
+    """A stored ``hi`` is the least value of the type not below the computed one, a stored
+    ``lo`` the greatest not above it: the box only grows, by at most one step per side."""
+    torch.manual_seed(3)
+    hi = torch.randn(64, 3, 8) * 4
+    lo = hi - torch.rand(64, 3, 8)
+    hi[0, 0, :2] = torch.tensor([0.5, -2.0])  # exact in the type: kept as they are
+    stored = stored_digests(hi, lo, dtype)
+    assert stored.dtype == dtype and stored.shape == (64, 2, 3, 8)
+    up, down = stored[:, 0], stored[:, 1]
+    inf = torch.full_like(up, float("inf"))
+    assert (up.float() >= hi).all() and (torch.nextafter(up, -inf).float() < hi).all()
+    assert (down.float() <= lo).all() and (torch.nextafter(down, inf).float() > lo).all()
+    assert up[0, 0, :2].tolist() == [0.5, -2.0]
+    assert (up.float() != hi).any()  # some values needed rounding
+    assert digest_dtype(dtype) == dtype and digest_dtype(torch.float32) == torch.float32
+    assert torch.equal(stored_digests(hi, lo, torch.float32), torch.stack([hi, lo], dim=1))
 
 
 def test_unknown_digest_kind():

@@ -37,4 +37,4 @@ def test_worked_example_matches_the_plugin(case):
     assert f"R = {spec.budget_pages} + 1 = {resident} blocks" in guide
     assert f"= {host_pages} pages = {host_pages * 32} tokens" in guide
     digests = digest_bytes(spec, get_policy("arkvale"), layers, available_bytes=0)
-    assert digests == pytest.approx(host_gib * GIB / 16, rel=1e-3)  # the guide's H/16
+    assert digests == pytest.approx(host_gib * GIB / 32, rel=1e-3)  # the guide's H/32

@@ -264,13 +264,13 @@ def test_kv_cache_is_sized_with_the_digests_accounted():
 
     free = 8 * 2**30
     sized = lambda worker: free  # noqa: E731  (what vLLM's profiling found)
-    # arkvale: one [2, kv_heads, head_dim] float32 digest per host page and layer.
+    # arkvale: one [2, kv_heads, head_dim] digest per host page and layer, bfloat16 as the cache.
     spec, _ = evicting_spec(host_pages=1000, kv_heads=3, head_size=64)
-    digests = 1000 * 30 * 2 * 3 * 64 * 4
+    digests = 1000 * 30 * 2 * 3 * 64 * 2
     assert determine_available_memory(sized, fake_worker(spec, "arkvale")) == free - digests
     # quest: one digest per KV block and layer, sharing the memory with the blocks.
     left = determine_available_memory(sized, fake_worker(evicting_spec()[0], "quest"))
-    page, digest = spec.page_size_bytes, 2 * 3 * 64 * 4
+    page, digest = spec.page_size_bytes, 2 * 3 * 64 * 2
     assert left == free - free * digest // (page + digest)
     assert (free - left) / free == pytest.approx(digest / (page + digest))
     # No digests: streamingllm, h2o; an explicit --kv-cache-memory-bytes is kept as given.

@@ -12,15 +12,17 @@ KV_HEADS, GROUP, HEAD_DIM, PAGES = 2, 2, 8, 12
 
 
 def _select(query, digests, host_ids, num_full, pinned, num_keep):
+    """The compiled selection (no placement) of float32 or bfloat16 ``digests``."""
     rows = host_ids.shape[0]
+    bits = torch.int16 if digests.dtype == torch.bfloat16 else torch.int32
     keep = np.zeros(host_ids.shape, dtype=np.bool_)
     scores = np.zeros(host_ids.shape, dtype=np.float32)
     held = np.full((rows, 1), PAGES, dtype=np.int64)
     unused = np.zeros((1, 1, 1, 1), dtype=np.int32)
-    cpu.select_pages(query.view(torch.int32).numpy(), False, np.arange(rows), digests.numpy(),
-                     host_ids, num_full, pinned, num_keep, held, np.zeros((rows, 1), np.bool_),
-                     np.zeros((rows, 1), np.int64), np.full(rows, -1), unused, unused,
-                     cpu.NO_PLACEMENT, keep, scores)
+    cpu.select_pages(query.view(torch.int32).numpy(), False, np.arange(rows),
+                     digests.view(bits).numpy(), digests.dtype == torch.bfloat16, host_ids, num_full, pinned,
+                     num_keep, held, np.zeros((rows, 1), np.bool_), np.zeros((rows, 1), np.int64),
+                     np.full(rows, -1), unused, unused, cpu.NO_PLACEMENT, keep, scores)
     return keep, scores
 
 
@@ -54,3 +56,25 @@ def test_keep_matches_the_torch_rule(seed):
     # An infinite score ties with the pinned pages: the 3 most recent of the 4 are kept.
     assert np.flatnonzero(keep[4]).tolist() == [1, 6, 11]
     assert np.flatnonzero(keep[5]).tolist() == [1, 11]  # the most recent pinned pages
+
+
+def test_bfloat16_digests_score_as_their_float32_values():
+    """Digests stored in bfloat16 (a bfloat16 KV cache's) score exactly as the same values in
+    float32 do, and keep the same pages."""
+    generator = torch.Generator().manual_seed(7)
+    rows = 4
+    query = torch.randn(rows, KV_HEADS * GROUP, HEAD_DIM, generator=generator)
+    centre = torch.randn(PAGES * rows, 1, KV_HEADS, HEAD_DIM, generator=generator)
+    radius = torch.rand(PAGES * rows, 1, KV_HEADS, HEAD_DIM, generator=generator)
+    digests = torch.cat([centre + radius, centre - radius], dim=1).to(torch.bfloat16)
+    host_ids = np.arange(PAGES * rows, dtype=np.int64).reshape(rows, PAGES)
+    num_full = np.array([12, 7, 12, 10], dtype=np.int64)
+    pinned = np.zeros((rows, PAGES), dtype=np.bool_)
+    pinned[:, 0] = True
+    num_keep = np.full(rows, 5, dtype=np.int64)
+    keep16, scores16 = _select(query, digests, host_ids, num_full, pinned, num_keep)
+    keep32, scores32 = _select(query, digests.float(), host_ids, num_full, pinned, num_keep)
+    valid = np.arange(PAGES) < num_full[:, None]
+    assert np.array_equal(scores16[valid], scores32[valid])
+    assert np.array_equal(keep16, keep32)
+    assert keep16.sum() == 5 * rows

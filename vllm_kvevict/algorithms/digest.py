@@ -8,7 +8,9 @@ A digest bounds the post-RoPE keys of one filled page, per KV head, by a box ``[
 
 The score of a page for a query ``q`` is ``sum_d max(q_d * hi_d, q_d * lo_d)``: the largest
 ``q . k`` any key inside the box could reach (exact for cuboid-max, an estimate for cuboid-mean).
-Both digests have ``hi >= lo``.
+Both digests have ``hi >= lo``. They are computed in float32 and stored in the KV cache's 16-bit
+float type (as ArkVale's reference stores them in the model's), rounded outward so that the
+stored box still holds the computed one (:func:`stored_digests`); float32 caches store float32.
 """
 from __future__ import annotations
 
@@ -38,6 +40,26 @@ def page_digests(keys: torch.Tensor,
     centre = (k_max + k_min) / 2
     radius = (keys - centre.unsqueeze(1)).abs().mean(dim=1)
     return centre + radius, centre - radius
+
+
+def digest_dtype(cache_dtype: torch.dtype) -> torch.dtype:
+    """The type digests are stored in for a KV cache of ``cache_dtype``."""
+    return cache_dtype if cache_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def stored_digests(hi: torch.Tensor, lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[..., 2, num_kv_heads, head_dim]``: ``hi`` rounded up and ``lo`` rounded down to
+    ``dtype`` (the nearest values of ``dtype`` not below and not above them)."""
+    up = _rounded(hi.float(), dtype, float("inf"))
+    down = _rounded(lo.float(), dtype, float("-inf"))
+    return torch.stack([up, down], dim=-3)
+
+
+def _rounded(values: torch.Tensor, dtype: torch.dtype, towards: float) -> torch.Tensor:
+    nearest = values.to(dtype)
+    wrong_side = nearest.float() < values if towards > 0 else nearest.float() > values
+    return torch.where(wrong_side, torch.nextafter(nearest, torch.full_like(nearest, towards)),
+                       nearest)
 
 
 def score_pages(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
@@ -75,7 +97,7 @@ def score_packed_pages(query: torch.Tensor, digests: torch.Tensor) -> torch.Tens
 
     Args:
         query: ``[rows, num_q_heads, head_dim]``.
-        digests: ``[rows, num_pages, 2, num_kv_heads, head_dim]`` (float32).
+        digests: ``[rows, num_pages, 2, num_kv_heads, head_dim]``.
 
     Returns:
         ``[rows, num_pages]`` float32.
@@ -87,5 +109,6 @@ def score_packed_pages(query: torch.Tensor, digests: torch.Tensor) -> torch.Tens
     q = query.float().unflatten(-2, (num_kv_heads, num_q_heads // num_kv_heads))
     # max(q hi, q lo) = max(q, 0) hi + min(q, 0) lo, summed over the group's heads.
     q_bounds = torch.stack([q.clamp(min=0).sum(-2), q.clamp(max=0).sum(-2)], dim=1)
-    scores = torch.bmm(digests.reshape(rows, num_pages, -1), q_bounds.reshape(rows, -1, 1))
+    scores = torch.bmm(digests.reshape(rows, num_pages, -1).float(),
+                       q_bounds.reshape(rows, -1, 1))
     return scores.squeeze(-1) / num_q_heads

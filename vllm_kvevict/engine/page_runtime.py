@@ -25,6 +25,7 @@ import time
 
 from vllm.logger import init_logger
 
+from vllm_kvevict.algorithms.digest import digest_dtype
 from vllm_kvevict.attention_pages import AttentionStatsRuntime
 from vllm_kvevict.config import EvictionConfig
 from vllm_kvevict.engine.faults import install_fault
@@ -155,15 +156,17 @@ def bind_page_runtimes(attn_groups, forward_context: dict) -> None:
 def digest_bytes(spec, policy, num_layers: int, available_bytes: int) -> int:
     """Device bytes the page digests of one worker take out of ``available_bytes``.
 
-    A digest is ``[2, kv_heads, head_dim]`` float32 per page and layer: one per host page under a
-    recalling policy (arkvale), one per KV-cache block otherwise (quest), so then it shares the
-    memory with the blocks in proportion.
+    A digest is ``[2, kv_heads, head_dim]`` per page and layer, in the KV cache's 16-bit float
+    type (float32 for other caches): one per host page under a recalling policy (arkvale), one
+    per KV-cache block otherwise (quest), so then it shares the memory with the blocks in
+    proportion.
     """
     from vllm_kvevict.policies import PageSelectionPolicy
 
     if not isinstance(policy, PageSelectionPolicy):
         return 0  # no digests (attention statistics are kept per request, on the device)
-    per_page = 2 * spec.num_kv_heads * spec.head_size * 4 * num_layers
+    per_page = (2 * spec.num_kv_heads * spec.head_size * digest_dtype(spec.dtype).itemsize
+                * num_layers)
     if policy.recalls:
         return spec.host_pages * per_page
     block = spec.page_size_bytes * num_layers

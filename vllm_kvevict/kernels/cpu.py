@@ -23,6 +23,20 @@ def _float32_bits(raw, bfloat16):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
+def _stored_bits(raw, up, bfloat16):
+    """The bits a digest stores for a float32 value of bits ``raw``: the same, or
+    (``bfloat16``) the nearest bfloat16 not below it (``up``) or not above it, so that the box
+    only grows."""
+    if not bfloat16:
+        return raw
+    kept = raw >> np.uint32(16)
+    # Truncation moves towards zero: one step away from zero when that is the wrong way.
+    if raw & np.uint32(0xFFFF) and (raw >> np.uint32(31) == 0) == up:
+        kept += np.uint32(1)
+    return kept
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
 def _copy_head_page(dst, src):
     """``dst[:] = src`` for one head's ``[block_size, row]`` page, element by element: a loop
     numba vectorises (its slice assignment copies about 1.7x slower here)."""
@@ -40,15 +54,17 @@ def _copy_page(dst, src):
 
 # Sums may be reordered (vectorised); infinities stay exact (pinned pages rank +inf).
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinned, num_keep, held,
-                 candidates, blocks, head_of_row, source, cache, mode, keep, scores):
+def select_pages(query, bfloat16, row_tokens, digests, bfloat16_digests, host_ids, num_full,
+                 pinned, num_keep, held, candidates, blocks, head_of_row, source, cache, mode,
+                 keep, scores):
     """Score, keep and place pages for every selection row; returns the (head) pages moved.
 
     Args:
         query: the layer's ``[tokens, q_heads, head_dim]`` queries as integer bits
             (``bfloat16``: 16-bit halves of float32, else float32 bits).
         row_tokens: ``[R]`` the query token of each selection row.
-        digests: ``[slots, 2, kv_heads, head_dim]`` float32 (``hi``, ``lo``).
+        digests: ``[slots, 2, kv_heads, head_dim]`` (``hi``, ``lo``) as integer bits
+            (``bfloat16_digests``: bfloat16 bits, else float32 bits).
         host_ids, pinned: ``[R, P]`` digest slot of each page; pages always kept.
         num_full, num_keep: ``[R]`` pages of the row; pages it keeps.
         held, candidates, blocks: ``[R, C]`` page per column (updated), columns that may
@@ -67,6 +83,8 @@ def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinne
     kv_heads = digests.shape[2]
     half = kv_heads * head_dim
     flat = digests.reshape(digests.shape[0], 2 * half)
+    digest_bits = np.empty(2 * half, dtype=np.uint32)  # one page's digest as float32
+    digest = digest_bits.view(np.float32)
     weights = np.empty(2 * half, dtype=np.float32)
     bits = np.empty(q_heads * head_dim, dtype=np.uint32)
     values = bits.view(np.float32)
@@ -107,7 +125,9 @@ def select_pages(query, bfloat16, row_tokens, digests, host_ids, num_full, pinne
         # group (the mean over the query heads reading the keys scored).
         scale = np.float32(q_heads if span == 1 else group)
         for p in range(n):
-            digest = flat[host_ids[r, p]]
+            stored = flat[host_ids[r, p]]
+            for e in range(2 * half):
+                digest_bits[e] = _float32_bits(stored[e], bfloat16_digests)
             if span == 1:
                 total = np.float32(0.0)
                 for e in range(half):
@@ -230,14 +250,16 @@ def attended_blocks(keep, held, blocks, num_keep, partial_blocks, table):
 
 @numba.njit(cache=True, nogil=True)
 def backup_pages(cache, blocks, slots, key_offsets, head_dim, bfloat16, cuboid_mean, digests,
-                 host_pages, copy):
+                 bfloat16_digests, host_pages, copy):
     """Digest the full pages in ``blocks`` into ``digests[slots]`` and (``copy``) copy them,
     bit for bit, to ``host_pages[slots]``.
 
     ``cache``: the layer's ``[blocks, kv_heads, block_size, row]`` integer view (``bfloat16``:
     16-bit halves of float32, else float32 bits); key ``(t, d)`` of a head is element
     ``key_offsets[t * head_dim + d]`` of the head's ``[block_size, row]`` tile, read row-major.
-    Digests as :func:`vllm_kvevict.algorithms.digest.page_digests` (``cuboid_mean`` or max/min).
+    Digests as :func:`vllm_kvevict.algorithms.digest.page_digests` (``cuboid_mean`` or max/min),
+    stored as :func:`vllm_kvevict.algorithms.digest.stored_digests` stores them, as integer bits
+    (``bfloat16_digests``: bfloat16, rounded outward; else float32).
     """
     kv_heads, block_size, row = cache.shape[1], cache.shape[2], cache.shape[3]
     count = block_size * head_dim
@@ -251,6 +273,7 @@ def backup_pages(cache, blocks, slots, key_offsets, head_dim, bfloat16, cuboid_m
     keys = bits.view(np.float32)  # [block_size, head_dim]
     top = np.empty(head_dim, dtype=np.float32)
     bottom = np.empty(head_dim, dtype=np.float32)
+    top_bits, bottom_bits = top.view(np.uint32), bottom.view(np.uint32)
     centre = np.empty(head_dim, dtype=np.float32)
     spread = np.empty(head_dim, dtype=np.float64)
     for i in range(blocks.shape[0]):
@@ -277,8 +300,9 @@ def backup_pages(cache, blocks, slots, key_offsets, head_dim, bfloat16, cuboid_m
                 for d in range(head_dim):
                     radius = np.float32(spread[d] / block_size)
                     top[d], bottom[d] = centre[d] + radius, centre[d] - radius
-            digests[slot, 0, h] = top
-            digests[slot, 1, h] = bottom
+            for d in range(head_dim):
+                digests[slot, 0, h, d] = _stored_bits(top_bits[d], True, bfloat16_digests)
+                digests[slot, 1, h, d] = _stored_bits(bottom_bits[d], False, bfloat16_digests)
         if copy:
             _copy_page(host_pages[slot], cache[block])
 

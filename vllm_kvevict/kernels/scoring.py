@@ -27,8 +27,8 @@ def _score_kernel(query, hi, lo, page_slots, num_pages, scores,
     d_ok = d < head_dim
     box = slot[:, None] * stride_digest + kv_head * head_dim + d[None, :]
     inside = valid[:, None] & d_ok[None, :]
-    top = tl.load(hi + box, mask=inside, other=0.0)
-    bottom = tl.load(lo + box, mask=inside, other=0.0)
+    top = tl.load(hi + box, mask=inside, other=0.0).to(tl.float32)
+    bottom = tl.load(lo + box, mask=inside, other=0.0).to(tl.float32)
     total = tl.zeros([BLOCK_P], dtype=tl.float32)
     for g in tl.static_range(GROUP):
         q = tl.load(query + b * stride_qb + (kv_head * GROUP + g) * stride_qh + d,
@@ -53,7 +53,7 @@ def score_batch(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
     Args:
         query: ``[batch, num_q_heads, head_dim]``; query head ``h`` reads KV head
             ``h // (num_q_heads // num_kv_heads)``.
-        hi, lo: ``[num_slots, num_kv_heads, head_dim]`` float32 digests (any slot order; slots
+        hi, lo: ``[num_slots, num_kv_heads, head_dim]`` digests (any float type) (any slot order; slots
             may be strided, e.g. views of one ``[num_slots, 2, kv_heads, head_dim]`` tensor).
         page_slots: ``[batch, max_pages]`` digest slot of each logical page (ragged: only the
             first ``num_pages[b]`` entries of row ``b`` are read).

@@ -16,7 +16,7 @@ import torch
 from vllm_kvevict.algorithms.attention_stats import (EVEN_SHARE_MARGIN, LAST, LAST_ATTENDED,
                                                      NUM_SUMS, attended, latest_use,
                                                      page_mass_from_logits)
-from vllm_kvevict.algorithms.digest import page_digests, score_packed_pages
+from vllm_kvevict.algorithms.digest import page_digests, score_packed_pages, stored_digests
 from vllm_kvevict.algorithms.selection import keep_mask
 from vllm_kvevict.pages.formats import BlockFormat
 from vllm_kvevict.pages.plan import SelectionBatch
@@ -112,7 +112,7 @@ class PageOps:
         ``host_pages[slots]`` unless ``host_pages`` is None."""
         pages = block_format.read(kv_cache, blocks)
         hi, lo = page_digests(block_format.keys(pages), digest_kind)
-        digests.index_copy_(0, slots, torch.stack([hi, lo], dim=1))
+        digests.index_copy_(0, slots, stored_digests(hi, lo, digests.dtype))
         if host_pages is not None:
             host_pages.index_copy_(0, slots.to(host_pages.device), pages.to(host_pages.device))
 
@@ -190,7 +190,7 @@ class TritonPageOps(PageOps):
         from vllm_kvevict.kernels.digest import build_digests
 
         hi, lo = build_digests(block_format.key_cache(kv_cache), blocks, digest_kind)
-        digests.index_copy_(0, slots, torch.stack([hi, lo], dim=1))
+        digests.index_copy_(0, slots, stored_digests(hi, lo, digests.dtype))
         if host_pages is not None:
             self.copy_pages(kv_cache, blocks, host_pages, slots,
                             torch.ones_like(blocks, dtype=torch.bool))
@@ -225,10 +225,10 @@ class CompiledCPUPageOps(PageOps):
 
         self._kernels = cpu
         self._key_offsets: dict[tuple[int, int], object] = {}
-        self._arrays: dict[tuple[int, bool], tuple[torch.Tensor, object]] = {}
+        self._arrays: dict[int, tuple[torch.Tensor, object]] = {}
 
     def select(self, policy, query, digests, batch, layer, kv_cache, source, from_host):
-        if not policy.digest_bound_score:
+        if not policy.digest_bound_score or digests.dtype not in (torch.bfloat16, torch.float32):
             return super().select(policy, query, digests, batch, layer, kv_cache, source,
                                   from_host)
         cpu, views = self._kernels, batch.arrays
@@ -238,29 +238,26 @@ class CompiledCPUPageOps(PageOps):
             cpu.FROM_HOST if from_host else cpu.WITHIN_CACHE)
         cache = self._bits(kv_cache)
         moved = cpu.select_pages(
-            _bits(query), query.dtype == torch.bfloat16, views.row_tokens, self._array(digests),
-            views.host_ids, views.num_full, views.pinned[layer], views.num_keep,
+            _bits(query), query.dtype == torch.bfloat16, views.row_tokens, self._bits(digests),
+            digests.dtype == torch.bfloat16, views.host_ids, views.num_full, views.pinned[layer], views.num_keep,
             views.held[layer], views.candidates, views.blocks, views.head_of_row,
             cache if source is None else self._bits(source), cache, mode, views.keep,
             views.scores)
         keep, scores = batch.outputs
         return keep, scores, moved
 
-    def _array(self, pages: torch.Tensor, bits: bool = False):
-        """The numpy view (``bits``: integer view) of a long-lived tensor (KV cache, host
-        store, digests), kept with the tensor, which every step passes again: found by the
-        tensor's identity, the cheapest lookup for a per-layer call."""
-        entry = self._arrays.get((id(pages), bits))
+    def _bits(self, pages: torch.Tensor):
+        """The integer numpy view of a long-lived tensor (KV cache, host store, digests), kept
+        with the tensor, which every step passes again: found by the tensor's identity, the
+        cheapest lookup for a per-layer call."""
+        entry = self._arrays.get(id(pages))
         if entry is None or entry[0] is not pages:
-            entry = self._arrays[id(pages), bits] = (pages, _bits(pages) if bits
-                                                      else pages.numpy())
+            entry = self._arrays[id(pages)] = (pages, _bits(pages))
         return entry[1]
 
-    def _bits(self, pages: torch.Tensor):
-        return self._array(pages, bits=True)
-
     def backup(self, kv_cache, block_format, blocks, slots, digests, host_pages, digest_kind):
-        if kv_cache.dtype not in (torch.bfloat16, torch.float32):
+        if (kv_cache.dtype not in (torch.bfloat16, torch.float32)
+                or digests.dtype not in (torch.bfloat16, torch.float32)):
             return super().backup(kv_cache, block_format, blocks, slots, digests, host_pages,
                                   digest_kind)
         _, _, block_size, row = kv_cache.shape
@@ -270,8 +267,8 @@ class CompiledCPUPageOps(PageOps):
         cache = self._bits(kv_cache)
         self._kernels.backup_pages(
             cache, blocks.numpy(), slots.numpy(), self._key_offsets[key], row // 2,
-            kv_cache.dtype == torch.bfloat16, digest_kind == "cuboid-mean", self._array(digests),
-            cache if host_pages is None else self._bits(host_pages), host_pages is not None)
+            kv_cache.dtype == torch.bfloat16, digest_kind == "cuboid-mean", self._bits(digests),
+            digests.dtype == torch.bfloat16, cache if host_pages is None else self._bits(host_pages), host_pages is not None)
 
     def add_page_statistics(self, logits, batch, layer, block_size):
         if logits.dtype not in (torch.bfloat16, torch.float32):

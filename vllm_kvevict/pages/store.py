@@ -5,6 +5,7 @@ from typing import Sequence
 
 import torch
 
+from vllm_kvevict.algorithms.digest import digest_dtype
 from vllm_kvevict.pages.formats import BlockFormat
 
 
@@ -51,7 +52,7 @@ class HostPageStore:
                       for _ in range(self.num_layers)] if self.num_pages else []
         slots = self.num_pages or kv_cache.shape[0]
         self.digests = [torch.empty((slots, 2, num_kv_heads, head_dim),
-                                    dtype=torch.float32, device=device)
+                                    dtype=digest_dtype(kv_cache.dtype), device=device)
                         for _ in range(self.num_layers)]
         page_numel = 1
         for n in shape:
