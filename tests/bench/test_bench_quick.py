@@ -41,6 +41,8 @@ def test_all_benchmarks_quick(tmp_path, model_path):
     # The server's page work per step: arkvale's, none for policies without page work.
     assert [r.get("page_work_ms") for r in decode[:2]] == [None, None]
     assert decode[2]["page_work_ms"] > 0
+    assert [r.get("recalls_per_step") for r in decode[:2]] == [None, None]
+    assert decode[2]["recalls_per_step"] >= 0
     assert throughput[0]["page_work_ms"] is None and throughput[1]["page_work_ms"] > 0
     low, high = decode[2]["tok_s_vs_streamingllm_range"]
     assert low <= decode[2]["tok_s_vs_streamingllm"] <= high

@@ -61,37 +61,39 @@ def test_policies_without_none_are_refused_before_anything_runs(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_page_work_per_step_comes_from_the_servers_exposition():
+def test_page_work_and_recalls_per_step_come_from_the_servers_exposition():
     from prometheus_client import CollectorRegistry, generate_latest
 
     from vllm_kvevict.bench.common import series_sums
-    from vllm_kvevict.bench.throughput import PAGE_WORK, page_work_ms
+    from vllm_kvevict.bench.throughput import (PAGE_WORK, RECALLED, page_work_ms,
+                                               recalls_per_step)
     from vllm_kvevict.engine.metrics_export import EvictionCollector
 
-    def page_work(ranks: list[tuple[int, float]]) -> dict[str, float]:
-        """:data:`PAGE_WORK` summed over the plugin's own ``/metrics`` text, each rank with
-        (steps, seconds) of page work."""
+    def page_work(ranks: list[tuple[int, float, int]]) -> dict[str, float]:
+        """:data:`PAGE_WORK` and :data:`RECALLED` summed over the plugin's own ``/metrics``
+        text, each rank with (steps, seconds) of page work and its page copies recalled."""
         collector = EvictionCollector("m")
         registry = CollectorRegistry()
         registry.register(collector)
         if ranks:
-            workers = [{"rank": rank, "backed_up": 0, "evicted": 0, "recalled": 0,
+            workers = [{"rank": rank, "backed_up": 0, "evicted": 0, "recalled": recalled,
                         "host_used_bytes": 0, "host_capacity_bytes": 0,
                         "page_work_seconds": {"bounds": [0.01], "counts": [steps, 0],
                                               "sum": seconds},
                         "selections_per_step": {"bounds": [1], "counts": [steps, 0], "sum": 0}}
-                       for rank, (steps, seconds) in enumerate(ranks)]
+                       for rank, (steps, seconds, recalled) in enumerate(ranks)]
             collector.latest[0] = {"budget_blocks": 16, "resident_blocks": 0,
                                    "host_store_full": {}, "workers": workers}
-        return series_sums(generate_latest(registry).decode(), PAGE_WORK)
+        return series_sums(generate_latest(registry).decode(), (*PAGE_WORK, RECALLED))
 
     seconds, steps = PAGE_WORK
-    assert page_work([]) == {seconds: 0.0, steps: 0.0}  # none, streamingllm
-    before = page_work([(10, 0.05), (10, 0.07)])
-    assert before[steps] == 20 and abs(before[seconds] - 0.12) < 1e-12
-    after = page_work([(30, 0.09), (30, 0.15)])
+    assert page_work([]) == {seconds: 0.0, steps: 0.0, RECALLED: 0.0}  # none, streamingllm
+    before = page_work([(10, 0.05, 7), (10, 0.07, 5)])
+    assert before[steps] == 20 and abs(before[seconds] - 0.12) < 1e-12 and before[RECALLED] == 12
+    after = page_work([(30, 0.09, 47), (30, 0.15, 45)])
     assert abs(page_work_ms(before, after) - 1000 * 0.12 / 40) < 1e-9  # the load's steps only
-    assert page_work_ms(before, before) is None
+    assert recalls_per_step(before, after) == 80 / 40
+    assert page_work_ms(before, before) is None and recalls_per_step(before, before) is None
 
 
 def test_policy_entries_carry_the_plugin_settings_to_the_server():

@@ -9,8 +9,8 @@ at once (polled from the server's Prometheus ``/metrics``), output tokens/s and 
 as a ratio to ``none`` from the same run; and, apart from prefill, the decode phase: the mean
 inter-token latency (time between a request's streamed tokens after its first) and decode
 tokens/s (tokens after each request's first, over the time at least one request was decoding);
-and the server's own host time of page work per step (its ``/metrics``), which is where an
-evicting policy's steps differ from streamingllm's.
+and the server's own host time of page work per step and page copies recalled per step (its
+``/metrics``), which is where an evicting policy's steps differ from streamingllm's.
 
 Prompts are passkey prompts, whose filler is shared text; each starts with its own line so that
 no KV block is common to two requests. Otherwise ``none`` would reuse the shared filler through
@@ -31,6 +31,9 @@ from vllm_kvevict.bench.common import (BLOCK_SIZE, SettingError, environment, la
 RUNNING = "vllm:num_requests_running"
 # Host seconds of page work and the steps that had some (a histogram's sum and count).
 PAGE_WORK = ("vllm:kvevict_page_work_seconds_sum", "vllm:kvevict_page_work_seconds_count")
+# Page copies recalled from the host store (one layer each; one KV head's slice each under
+# per-head selection).
+RECALLED = "vllm:kvevict_page_copies_recalled_total"
 
 
 def policy_flags(entry: str) -> list[str]:
@@ -104,7 +107,7 @@ def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
                 tokens = chunk.usage.completion_tokens
         return tokens, arrivals
 
-    work_before = server_series_sums(base, PAGE_WORK)
+    work_before = server_series_sums(base, (*PAGE_WORK, RECALLED))
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     start = time.perf_counter()
@@ -114,9 +117,11 @@ def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
     stop.set()
     poller.join()
     produced = sum(tokens for tokens, _ in replies)
+    work_after = server_series_sums(base, (*PAGE_WORK, RECALLED))
     return {"total_s": elapsed, "output_tokens": produced, "output_tok_s": produced / elapsed,
             "most_running": most_running, **decode_phase(replies),
-            "page_work_ms": page_work_ms(work_before, server_series_sums(base, PAGE_WORK))}
+            "page_work_ms": page_work_ms(work_before, work_after),
+            "recalls_per_step": recalls_per_step(work_before, work_after)}
 
 
 def page_work_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
@@ -125,6 +130,13 @@ def page_work_ms(before: dict[str, float], after: dict[str, float]) -> float | N
     under none and streamingllm, which export none)."""
     seconds, steps = (after[name] - before[name] for name in PAGE_WORK)
     return 1000 * seconds / steps if steps > 0 else None
+
+
+def recalls_per_step(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Mean page copies recalled per worker step with page work between two readings of
+    :data:`PAGE_WORK` and :data:`RECALLED` (None: no step had page work)."""
+    steps = after[PAGE_WORK[1]] - before[PAGE_WORK[1]]
+    return (after[RECALLED] - before[RECALLED]) / steps if steps > 0 else None
 
 
 def decode_phase(replies: list[tuple[int, list[float]]]) -> dict:
@@ -208,12 +220,14 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
     table = markdown_table(
         ["policy@budget", "most running", "output tok/s", "total s", "concurrency vs none",
          "tok/s vs none", "tok/s vs streamingllm", "time vs none", "decode tok/s",
-         "decode tok/s vs none", "mean ITL ms", "page work ms/step"],
+         "decode tok/s vs none", "mean ITL ms", "page work ms/step", "recalls/step"],
         [[label(r["policy"], r["budget"]), r["most_running"], f"{r['output_tok_s']:.1f}",
           f"{r['total_s']:.1f}", f"{r['concurrency_ratio']:.2f}x", f"{r['tok_s_ratio']:.2f}x",
           vs_floor(r), f"{r['time_ratio']:.2f}x", f"{r['decode_tok_s']:.1f}",
           f"{r['decode_tok_s_ratio']:.2f}x", f"{r['mean_itl_ms']:.1f}",
-          "-" if r.get("page_work_ms") is None else f"{r['page_work_ms']:.2f}"] for r in rows])
+          "-" if r.get("page_work_ms") is None else f"{r['page_work_ms']:.2f}",
+          "-" if r.get("recalls_per_step") is None else f"{r['recalls_per_step']:.0f}"]
+         for r in rows])
     write_results(out_dir, name, payload,
                   f"{num_requests} concurrent streamed completions, ~{prompt_tokens}-token "
                   f"prompts, {max_tokens} tokens each (ignore_eos), KV pool of {num_blocks} "
@@ -222,7 +236,10 @@ def run(model_path: str, out_dir: str, num_requests: int, prompt_tokens: int, ma
                   f"tokens after each request's first over the time some request was decoding; "
                   f"mean ITL: mean time between a request's tokens after its first; page "
                   f"work: the server's host time of page work (plan and layers) per step that "
-                  f"had some (`vllm:kvevict_page_work_seconds`), mean over the load."
+                  f"had some (`vllm:kvevict_page_work_seconds`), mean over the load; "
+                  f"recalls: page copies (one layer each, one KV head's slice each under "
+                  f"per-head selection) recalled from the host store per such step "
+                  f"(`vllm:kvevict_page_copies_recalled`)."
                   + (f" Medians over {rounds} rounds (every policy once per round, the order "
                      f"reversed every other round); ratios: the median of the rounds' ratios, "
                      f"their range in brackets." if rounds > 1 else "") + "\n\n"
