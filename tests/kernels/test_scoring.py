@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vllm_kvevict.algorithms.digest import score_pages
+from vllm_kvevict.algorithms.digest import score_pages, stored_digests
 from vllm_kvevict.algorithms.selection import select_pages
 from vllm_kvevict.kernels.scoring import score_batch, selected_blocks, top_pages
 
@@ -72,3 +72,14 @@ def test_digests_as_views_of_one_tensor(device):
     digests = torch.stack([hi, lo], dim=1)
     scores = score_batch(query, digests[:, 0], digests[:, 1], slots, num_pages, 0, 0)
     torch.testing.assert_close(scores, score_batch(query, hi, lo, slots, num_pages, 0, 0))
+
+
+def test_bfloat16_digests_score_as_their_float32_values(device):
+    """Digests stored in a bfloat16 cache's type (:func:`stored_digests`) are read as bfloat16
+    and scored in float32: as the same values given in float32."""
+    query, hi, lo, slots, num_pages = _ragged_batch(device)
+    digests = stored_digests(hi, lo, torch.bfloat16)
+    scores = score_batch(query, digests[:, 0], digests[:, 1], slots, num_pages, 0, 0, True)
+    widened = digests.float()
+    expected = score_batch(query, widened[:, 0], widened[:, 1], slots, num_pages, 0, 0, True)
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-6)
