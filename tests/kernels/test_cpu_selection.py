@@ -20,9 +20,10 @@ def _select(query, digests, host_ids, num_full, pinned, num_keep):
     held = np.full((rows, 1), PAGES, dtype=np.int64)
     unused = np.zeros((1, 1, 1, 1), dtype=np.int32)
     cpu.select_pages(query.view(torch.int32).numpy(), False, np.arange(rows),
-                     digests.view(bits).numpy(), digests.dtype == torch.bfloat16, host_ids, num_full, pinned,
-                     num_keep, held, np.zeros((rows, 1), np.bool_), np.zeros((rows, 1), np.int64),
-                     np.full(rows, -1), unused, unused, cpu.NO_PLACEMENT, keep, scores)
+                     digests.view(bits).numpy(), digests.dtype == torch.bfloat16, host_ids,
+                     num_full, pinned, num_keep, held, np.zeros((rows, 1), np.bool_),
+                     np.zeros((rows, 1), np.int64), np.full(rows, -1), unused, unused,
+                     cpu.NO_PLACEMENT, keep, scores)
     return keep, scores
 
 

@@ -53,8 +53,9 @@ def score_batch(query: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
     Args:
         query: ``[batch, num_q_heads, head_dim]``; query head ``h`` reads KV head
             ``h // (num_q_heads // num_kv_heads)``.
-        hi, lo: ``[num_slots, num_kv_heads, head_dim]`` digests (any float type) (any slot order; slots
-            may be strided, e.g. views of one ``[num_slots, 2, kv_heads, head_dim]`` tensor).
+        hi, lo: ``[num_slots, num_kv_heads, head_dim]`` digests of any float type (any slot
+            order; slots may be strided, e.g. views of one ``[num_slots, 2, kv_heads,
+            head_dim]`` tensor).
         page_slots: ``[batch, max_pages]`` digest slot of each logical page (ragged: only the
             first ``num_pages[b]`` entries of row ``b`` are read).
         num_pages: ``[batch]`` logical pages per request.

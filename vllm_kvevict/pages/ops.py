@@ -239,8 +239,8 @@ class CompiledCPUPageOps(PageOps):
         cache = self._bits(kv_cache)
         moved = cpu.select_pages(
             _bits(query), query.dtype == torch.bfloat16, views.row_tokens, self._bits(digests),
-            digests.dtype == torch.bfloat16, views.host_ids, views.num_full, views.pinned[layer], views.num_keep,
-            views.held[layer], views.candidates, views.blocks, views.head_of_row,
+            digests.dtype == torch.bfloat16, views.host_ids, views.num_full, views.pinned[layer],
+            views.num_keep, views.held[layer], views.candidates, views.blocks, views.head_of_row,
             cache if source is None else self._bits(source), cache, mode, views.keep,
             views.scores)
         keep, scores = batch.outputs
@@ -268,7 +268,8 @@ class CompiledCPUPageOps(PageOps):
         self._kernels.backup_pages(
             cache, blocks.numpy(), slots.numpy(), self._key_offsets[key], row // 2,
             kv_cache.dtype == torch.bfloat16, digest_kind == "cuboid-mean", self._bits(digests),
-            digests.dtype == torch.bfloat16, cache if host_pages is None else self._bits(host_pages), host_pages is not None)
+            digests.dtype == torch.bfloat16,
+            cache if host_pages is None else self._bits(host_pages), host_pages is not None)
 
     def add_page_statistics(self, logits, batch, layer, block_size):
         if logits.dtype not in (torch.bfloat16, torch.float32):
