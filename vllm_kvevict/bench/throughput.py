@@ -34,6 +34,7 @@ PAGE_WORK = ("vllm:kvevict_page_work_seconds_sum", "vllm:kvevict_page_work_secon
 # Page copies recalled from the host store (one layer each; one KV head's slice each under
 # per-head selection).
 RECALLED = "vllm:kvevict_page_copies_recalled_total"
+WORK_SERIES = (*PAGE_WORK, RECALLED)
 
 
 def policy_flags(entry: str) -> list[str]:
@@ -107,7 +108,7 @@ def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
                 tokens = chunk.usage.completion_tokens
         return tokens, arrivals
 
-    work_before = server_series_sums(base, (*PAGE_WORK, RECALLED))
+    work_before = server_series_sums(base, WORK_SERIES)
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     start = time.perf_counter()
@@ -117,7 +118,7 @@ def _load(base: str, prompts: list[str], max_tokens: int) -> dict:
     stop.set()
     poller.join()
     produced = sum(tokens for tokens, _ in replies)
-    work_after = server_series_sums(base, (*PAGE_WORK, RECALLED))
+    work_after = server_series_sums(base, WORK_SERIES)
     return {"total_s": elapsed, "output_tokens": produced, "output_tok_s": produced / elapsed,
             "most_running": most_running, **decode_phase(replies),
             "page_work_ms": page_work_ms(work_before, work_after),

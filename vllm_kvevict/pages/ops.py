@@ -23,6 +23,10 @@ from vllm_kvevict.pages.plan import SelectionBatch
 from vllm_kvevict.paging import INT_OF_WIDTH
 
 
+# The float types the compiled CPU kernels read (bfloat16 as the upper halves of float32 bits).
+COMPILED_FLOATS = (torch.bfloat16, torch.float32)
+
+
 class PageOps:
     """Torch implementations (every device; syncs only where :attr:`host_sync_free`)."""
 
@@ -228,11 +232,11 @@ class CompiledCPUPageOps(PageOps):
         self._arrays: dict[int, tuple[torch.Tensor, object]] = {}
 
     def select(self, policy, query, digests, batch, layer, kv_cache, source, from_host):
-        if not policy.digest_bound_score or digests.dtype not in (torch.bfloat16, torch.float32):
+        if not policy.digest_bound_score or digests.dtype not in COMPILED_FLOATS:
             return super().select(policy, query, digests, batch, layer, kv_cache, source,
                                   from_host)
         cpu, views = self._kernels, batch.arrays
-        if query.dtype not in (torch.bfloat16, torch.float32):
+        if query.dtype not in COMPILED_FLOATS:
             query = query.float()
         mode = cpu.NO_PLACEMENT if source is None else (
             cpu.FROM_HOST if from_host else cpu.WITHIN_CACHE)
@@ -256,8 +260,7 @@ class CompiledCPUPageOps(PageOps):
         return entry[1]
 
     def backup(self, kv_cache, block_format, blocks, slots, digests, host_pages, digest_kind):
-        if (kv_cache.dtype not in (torch.bfloat16, torch.float32)
-                or digests.dtype not in (torch.bfloat16, torch.float32)):
+        if kv_cache.dtype not in COMPILED_FLOATS or digests.dtype not in COMPILED_FLOATS:
             return super().backup(kv_cache, block_format, blocks, slots, digests, host_pages,
                                   digest_kind)
         _, _, block_size, row = kv_cache.shape
@@ -272,7 +275,7 @@ class CompiledCPUPageOps(PageOps):
             cache if host_pages is None else self._bits(host_pages), host_pages is not None)
 
     def add_page_statistics(self, logits, batch, layer, block_size):
-        if logits.dtype not in (torch.bfloat16, torch.float32):
+        if logits.dtype not in COMPILED_FLOATS:
             return super().add_page_statistics(logits, batch, layer, block_size)
         rows, views = batch.num_observing, batch.arrays
         self._kernels.add_page_statistics(
