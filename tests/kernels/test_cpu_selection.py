@@ -1,6 +1,7 @@
 """The compiled CPU selection keeps exactly the pages the torch rule keeps, given its scores:
 pinned first, then the best-scored, the more recent page winning a tie, also when pinned pages
 do not all fit or a score is infinite."""
+import numba
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,7 @@ from vllm_kvevict.kernels import cpu
 KV_HEADS, GROUP, HEAD_DIM, PAGES = 2, 2, 8, 12
 
 
-def _select(query, digests, host_ids, num_full, pinned, num_keep):
+def _select(query, digests, host_ids, num_full, pinned, num_keep, ahead=cpu.PREFETCH_PAGES):
     """The compiled selection (no placement) of float32 or bfloat16 ``digests``."""
     rows = host_ids.shape[0]
     bits = torch.int16 if digests.dtype == torch.bfloat16 else torch.int32
@@ -23,7 +24,7 @@ def _select(query, digests, host_ids, num_full, pinned, num_keep):
                      digests.view(bits).numpy(), digests.dtype == torch.bfloat16, host_ids,
                      num_full, pinned, num_keep, held, np.zeros((rows, 1), np.bool_),
                      np.zeros((rows, 1), np.int64), np.full(rows, -1), unused, unused,
-                     cpu.NO_PLACEMENT, keep, scores)
+                     cpu.NO_PLACEMENT, keep, scores, ahead)
     return keep, scores
 
 
@@ -79,3 +80,33 @@ def test_bfloat16_digests_score_as_their_float32_values():
     assert np.array_equal(scores16[valid], scores32[valid])
     assert np.array_equal(keep16, keep32)
     assert keep16.sum() == 5 * rows
+
+
+def test_digests_are_prefetched_ahead_without_changing_the_selection():
+    """``ahead`` pages of digests are prefetched (LLVM's prefetch in the compiled selection);
+    the hint changes no score and no kept page."""
+    generator = torch.Generator().manual_seed(3)
+    rows = 5
+    query = torch.randn(rows, KV_HEADS * GROUP, HEAD_DIM, generator=generator)
+    digests = torch.randn(PAGES * rows, 2, KV_HEADS, HEAD_DIM, generator=generator)
+    host_ids = np.random.default_rng(3).permutation(PAGES * rows).reshape(rows, PAGES)
+    num_full = np.array([12, 3, 12, 1, 9], dtype=np.int64)  # rows shorter than ``ahead``
+    pinned = np.zeros((rows, PAGES), dtype=np.bool_)
+    num_keep = np.full(rows, 4, dtype=np.int64)
+    results = {ahead: _select(query, digests, host_ids, num_full, pinned, num_keep, ahead)
+               for ahead in (0, 1, cpu.PREFETCH_PAGES, 2 * PAGES)}
+    for keep, scores in results.values():
+        assert np.array_equal(keep, results[0][0]) and np.array_equal(scores, results[0][1])
+
+
+def test_prefetch_emits_llvms_prefetch_and_never_faults():
+    @numba.njit
+    def touch(pages, far):
+        cpu._prefetch_all(pages[1])
+        cpu._prefetch(pages[0], far)  # a hint: an address outside the array does not fault
+        return pages[1].sum()
+
+    pages = np.arange(3 * 64, dtype=np.int16).reshape(3, 64)
+    assert touch(pages, 1 << 40) == pages[1].sum()
+    ir = "".join(touch.inspect_llvm().values())
+    assert ir.count("@llvm.prefetch") >= 2  # declared and called

@@ -10,8 +10,46 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 NO_PLACEMENT, FROM_HOST, WITHIN_CACHE = 0, 1, 2
+CACHE_LINE = 64
+# Pages whose digests are fetched ahead of the one being scored: a layer's digests and host
+# pages are cold (the forward between two layers' selections streams the weights through the
+# caches), and one page's digest is too short for the hardware prefetcher to start.
+PREFETCH_PAGES = 8
+
+
+@intrinsic
+def _prefetch(typingctx, array, byte_offset):
+    """Hint the cache line ``byte_offset`` bytes into ``array``'s data into the caches (LLVM's
+    ``prefetch``: a hint, never a fault, whatever the address)."""
+    if not isinstance(array, types.Array) or not isinstance(byte_offset, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        offset = context.cast(builder, args[1], signature.args[1], types.intp)
+        byte = ir.IntType(8).as_pointer()
+        address = builder.gep(builder.bitcast(data, byte), [offset])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32])
+        opaque = getattr(address.type, "is_opaque", False)
+        name = "llvm.prefetch.p0" if opaque else "llvm.prefetch.p0i8"
+        prefetch = cgutils.get_or_insert_function(builder.module, fnty, name)
+        builder.call(prefetch, [address, i32(0), i32(3), i32(1)])  # read, keep, data
+        return context.get_dummy_value()
+
+    return types.void(array, byte_offset), codegen
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _prefetch_all(array):
+    """Hint every cache line of a contiguous ``array`` into the caches."""
+    for offset in range(0, array.size * array.itemsize, CACHE_LINE):
+        _prefetch(array, offset)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -56,7 +94,7 @@ def _copy_page(dst, src):
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def select_pages(query, bfloat16, row_tokens, digests, bfloat16_digests, host_ids, num_full,
                  pinned, num_keep, held, candidates, blocks, head_of_row, source, cache, mode,
-                 keep, scores):
+                 keep, scores, ahead):
     """Score, keep and place pages for every selection row; returns the (head) pages moved.
 
     Args:
@@ -77,6 +115,8 @@ def select_pages(query, bfloat16, row_tokens, digests, bfloat16_digests, host_id
             the page's own column) and the layer's KV cache.
         mode: ``NO_PLACEMENT`` (score and keep only), ``FROM_HOST`` or ``WITHIN_CACHE``.
         keep, scores: ``[R, P]`` outputs.
+        ahead: pages whose digests are prefetched ahead of the one scored (0: none); a
+            row's moved pages are prefetched before they are copied (``ahead > 0``).
     """
     rows = row_tokens.shape[0]
     q_heads, head_dim = query.shape[1], query.shape[2]
@@ -97,6 +137,8 @@ def select_pages(query, bfloat16, row_tokens, digests, bfloat16_digests, host_id
     victim_cols = np.empty(num_cols, dtype=np.int64)
     victim_scores = np.empty(num_cols, dtype=np.float32)
     moved = 0
+    for p in range(min(ahead, num_full[0] if rows else 0)):
+        _prefetch_all(flat[host_ids[0, p]])
     r = 0
     while r < rows:
         # One request's rows: all KV heads at once, or one row per KV head.
@@ -125,6 +167,12 @@ def select_pages(query, bfloat16, row_tokens, digests, bfloat16_digests, host_id
         # group (the mean over the query heads reading the keys scored).
         scale = np.float32(q_heads if span == 1 else group)
         for p in range(n):
+            if ahead:  # the digest ``ahead`` pages on, in this request or the next
+                later, following = p + ahead, r + span
+                if later < n:
+                    _prefetch_all(flat[host_ids[r, later]])
+                elif following < rows and later - n < num_full[following]:
+                    _prefetch_all(flat[host_ids[following, later - n]])
             stored = flat[host_ids[r, p]]
             for e in range(2 * half):
                 digest_bits[e] = _float32_bits(stored[e], bfloat16_digests)
@@ -145,7 +193,7 @@ def select_pages(query, bfloat16, row_tokens, digests, bfloat16_digests, host_id
             moved += _keep_and_place(j, n, scores, pinned, num_keep, held, candidates, blocks,
                                      host_ids, head_of_row, source, cache, mode, keep,
                                      best_scores, best_pages, in_place, missing, victim_cols,
-                                     victim_scores)
+                                     victim_scores, ahead > 0)
         r += span
     return moved
 
@@ -153,9 +201,10 @@ def select_pages(query, bfloat16, row_tokens, digests, bfloat16_digests, host_id
 @numba.njit(cache=True, nogil=True)
 def _keep_and_place(r, n, scores, pinned, num_keep, held, candidates, blocks, host_ids,
                     head_of_row, source, cache, mode, keep, best_scores, best_pages, in_place,
-                    missing, victim_cols, victim_scores):
+                    missing, victim_cols, victim_scores, prefetch):
     """Row ``r`` of :func:`select_pages` once scored: its keep mask and placement (the
-    arrays after ``keep``: scratch, at least ``n + 1`` pages or the row's columns long)."""
+    arrays after ``keep`` up to ``prefetch``: scratch, at least ``n + 1`` pages or the row's
+    columns long; ``prefetch``: fetch the pages moved before copying them)."""
     keep[r, :] = False
     # The best num_keep pages, pinned first, the more recent page winning a tie: a sorted
     # list of the best so far, filled from the most recent page down (an equal score never
@@ -214,7 +263,17 @@ def _keep_and_place(r, n, scores, pinned, num_keep, held, candidates, blocks, ho
             victim_cols[v] = victim_cols[v - 1]
             victim_scores[v] = victim_scores[v - 1]
         victim_cols[i], victim_scores[i] = col, low_score
-        page = missing[i]
+        if prefetch:
+            src = host_ids[r, missing[i]] if mode == FROM_HOST else blocks[r, missing[i]]
+            if head >= 0:
+                _prefetch_all(source[src, head])
+                _prefetch_all(cache[blocks[r, col], head])
+            else:
+                _prefetch_all(source[src])
+                _prefetch_all(cache[blocks[r, col]])
+    # Missing page i goes to column victim_cols[i].
+    for i in range(num_missing):
+        page, col = missing[i], victim_cols[i]
         src = host_ids[r, page] if mode == FROM_HOST else blocks[r, page]
         if head >= 0:
             _copy_head_page(cache[blocks[r, col], head], source[src, head])

@@ -246,7 +246,7 @@ class CompiledCPUPageOps(PageOps):
             digests.dtype == torch.bfloat16, views.host_ids, views.num_full, views.pinned[layer],
             views.num_keep, views.held[layer], views.candidates, views.blocks, views.head_of_row,
             cache if source is None else self._bits(source), cache, mode, views.keep,
-            views.scores)
+            views.scores, cpu.PREFETCH_PAGES)
         keep, scores = batch.outputs
         return keep, scores, moved
 

@@ -7,6 +7,7 @@ import torch
 
 from vllm_kvevict.algorithms.digest import digest_dtype
 from vllm_kvevict.pages.formats import BlockFormat
+from vllm_kvevict.pages.memory import huge_page_empty
 
 
 class HostStoreFull(RuntimeError):
@@ -46,13 +47,16 @@ class HostPageStore:
         device = kv_cache.device
         shape = block_format.page_shape(kv_cache)
         # Pinned (CUDA) host memory is page-locked, so committed, as soon as it is allocated;
-        # unpinned memory (CPU) stays uncommitted until a page is first written.
-        pin = device.type == "cuda"
+        # unpinned memory (CPU) stays uncommitted until a page is first written. On the CPU the
+        # digests, read cold by every layer's selection, live on huge pages; the host pages do
+        # not (faulting them in 2 MiB at a time slows the backups more than it speeds recalls).
+        on_cpu, pin = device.type == "cpu", device.type == "cuda"
         self.pages = [torch.empty((self.num_pages, *shape), dtype=kv_cache.dtype, pin_memory=pin)
                       for _ in range(self.num_layers)] if self.num_pages else []
         slots = self.num_pages or kv_cache.shape[0]
-        self.digests = [torch.empty((slots, 2, num_kv_heads, head_dim),
-                                    dtype=digest_dtype(kv_cache.dtype), device=device)
+        digest_shape, dtype = (slots, 2, num_kv_heads, head_dim), digest_dtype(kv_cache.dtype)
+        self.digests = [huge_page_empty(digest_shape, dtype) if on_cpu
+                        else torch.empty(digest_shape, dtype=dtype, device=device)
                         for _ in range(self.num_layers)]
         page_numel = 1
         for n in shape:
