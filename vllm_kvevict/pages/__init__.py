@@ -34,9 +34,10 @@ Invariants (per request, per layer, per placement):
 Plan once per step, run per layer: :meth:`PageRuntime.plan_step` turns the batch into padded
 tensors on the host and moves them in one copy (:mod:`.plan`); each layer then runs one scoring
 pass, one keep mask and one masked page copy for all selecting rows (:mod:`.runtime`), through
-:mod:`.ops` (torch on CPU, the Triton kernels on CUDA, with no host synchronisation in a layer).
-Also here: how backends store a block (:mod:`.formats`), the host store (:mod:`.store`), the
-per-request page tables (:mod:`.requests`) and a benchmark probe (:mod:`.probe`).
+:mod:`.ops` (compiled kernels on CPU, the Triton kernels on CUDA, with no host synchronisation
+in a layer; plain torch as their reference). Also here: how backends store a block
+(:mod:`.formats`), the host store (:mod:`.store`; its CPU digests on huge pages, :mod:`.memory`),
+the per-request page tables (:mod:`.requests`) and a benchmark probe (:mod:`.probe`).
 """
 from vllm_kvevict.pages.formats import BlockFormat, CPUBlockFormat, FlashBlockFormat, key_tiles
 from vllm_kvevict.pages.plan import RowSelection, SelectionBatch, StepPlan
