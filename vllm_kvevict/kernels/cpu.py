@@ -16,9 +16,8 @@ from numba.extending import intrinsic
 
 NO_PLACEMENT, FROM_HOST, WITHIN_CACHE = 0, 1, 2
 CACHE_LINE = 64
-# Pages whose digests are fetched ahead of the one being scored: a layer's digests and host
-# pages are cold (the forward between two layers' selections streams the weights through the
-# caches), and one page's digest is too short for the hardware prefetcher to start.
+# Pages whose digests are prefetched ahead of the one being scored: the forward between two
+# layers' selections pushes a layer's digests and host pages out of the caches.
 PREFETCH_PAGES = 8
 
 

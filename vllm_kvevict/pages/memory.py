@@ -1,8 +1,8 @@
 """Host tensors on transparent huge pages.
 
-The page runtime reads a layer's digests and host pages once per step, after the forward has
-streamed the weights through the caches: every read is cold, and on 4 KiB pages most of them
-also miss the TLB (a step touches a few hundred MiB). Linux backs anonymous memory advised with
+The page runtime reads a layer's digests once per step, after the forward has streamed the
+weights through the caches: the reads are cold, and on 4 KiB pages many of them also miss the
+TLB (a step touches a few hundred MiB). Linux backs anonymous memory advised with
 ``MADV_HUGEPAGE`` by 2 MiB pages when it is first written (``enabled`` set to ``always`` or
 ``madvise``), which takes those misses away. Elsewhere the tensors are ordinary.
 """
