@@ -197,6 +197,13 @@ def select_pages(query, bfloat16, row_tokens, digests, bfloat16_digests, host_id
     return moved
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _moved_from(mode, host_ids, blocks, r, page):
+    """Where row ``r``'s kept ``page`` is copied from: its host page (``FROM_HOST``) or its own
+    column's block (``WITHIN_CACHE``)."""
+    return host_ids[r, page] if mode == FROM_HOST else blocks[r, page]
+
+
 @numba.njit(cache=True, nogil=True)
 def _keep_and_place(r, n, scores, pinned, num_keep, held, candidates, blocks, host_ids,
                     head_of_row, source, cache, mode, keep, best_scores, best_pages, in_place,
@@ -263,7 +270,7 @@ def _keep_and_place(r, n, scores, pinned, num_keep, held, candidates, blocks, ho
             victim_scores[v] = victim_scores[v - 1]
         victim_cols[i], victim_scores[i] = col, low_score
         if prefetch:
-            src = host_ids[r, missing[i]] if mode == FROM_HOST else blocks[r, missing[i]]
+            src = _moved_from(mode, host_ids, blocks, r, missing[i])
             if head >= 0:
                 _prefetch_all(source[src, head])
                 _prefetch_all(cache[blocks[r, col], head])
@@ -273,7 +280,7 @@ def _keep_and_place(r, n, scores, pinned, num_keep, held, candidates, blocks, ho
     # Missing page i goes to column victim_cols[i].
     for i in range(num_missing):
         page, col = missing[i], victim_cols[i]
-        src = host_ids[r, page] if mode == FROM_HOST else blocks[r, page]
+        src = _moved_from(mode, host_ids, blocks, r, page)
         if head >= 0:
             _copy_head_page(cache[blocks[r, col], head], source[src, head])
         else:
